@@ -1,0 +1,524 @@
+"""Tests of records/tool.py: the log reader, significance, compare (interpolation, plot, diff), the
+README records table, and an end-to-end run on logs of the real trainer."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.lines import Line2D
+from scipy import stats
+
+from records import tool  # importable from the repository root, which tests/conftest.py puts on sys.path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+SEPARATOR = "=" * 100
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GPU_NAME = "NVIDIA H100 80GB HBM3"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing synthetic logs in the trainer's format
+
+
+def make_steps(total_steps, val_every, final_loss, rng, ms_per_step=100.0, train_loss=False, extra=False):
+    """Train lines for steps 1..T and val lines every `val_every` steps and at T, in the order the
+    trainer prints them (a val line repeats the step of the train line before it)."""
+    start_loss = 10.8258
+    steps = [tool.StepLine(step=0, train_time_ms=0, val_loss=start_loss, step_avg_ms=0.0)]
+    time_ms = 0
+    for step in range(1, total_steps + 1):
+        time_ms += int(ms_per_step + rng.integers(0, 10))
+        # Reaches exactly final_loss at the last step.
+        loss = final_loss + (start_loss - final_loss) * (1 - step / total_steps) ** 2
+        steps.append(tool.StepLine(
+            step=step,
+            train_time_ms=time_ms,
+            train_loss=round(loss + float(rng.normal(0, 0.05)), 4) if train_loss else None,
+            step_avg_ms=round(time_ms / step, 2),
+            other={"tokens_per_second": float(rng.integers(1000, 2000))} if extra else {},
+        ))
+        if step % val_every == 0 or step == total_steps:
+            steps.append(tool.StepLine(step=step, train_time_ms=time_ms, val_loss=round(loss, 4),
+                                       step_avg_ms=round(time_ms / step, 2)))
+    return steps
+
+
+def format_step_line(line, total_steps):
+    fields = [f"step:{line.step}/{total_steps}"]
+    if line.val_loss is not None:
+        fields.append(f"val_loss:{line.val_loss:.4f}")
+    if line.train_loss is not None:
+        fields.append(f"train_loss:{line.train_loss:.4f}")
+    fields.append(f"train_time:{line.train_time_ms}ms")
+    if line.step_avg_ms is not None:
+        fields.append(f"step_avg:{line.step_avg_ms:.2f}ms")
+    fields += [f"{name}:{value!r}" for name, value in line.other.items()]
+    return " ".join(fields)
+
+
+def our_environment(settings, device="2 x cpu"):
+    return [
+        "Running Python 3.11.7 (main, Dec  8 2023, 14:22:46) [GCC 12.2.0]",
+        "Running PyTorch 2.13.0+cpu compiled for CUDA None",
+        f"Device: {device}",
+        "Settings: " + json.dumps(settings),
+        "nvidia-smi: not available",
+    ]
+
+
+def public_environment(gpu_count):
+    """Python/PyTorch lines and an nvidia-smi table as public record logs have them."""
+    rule = "+" + "-" * 41 + "+" + "-" * 24 + "+" + "-" * 22 + "+"
+    lines = [
+        "Running Python 3.12.7 (main, Oct 16 2024, 04:37:19) [Clang 18.1.8 ]",
+        "Running PyTorch 2.7.0.dev20250110+cu126 compiled for CUDA 12.6",
+        "Sat Feb  1 10:00:00 2025",
+        rule,
+        "| NVIDIA-SMI 550.127.05             Driver Version: 550.127.05     CUDA Version: 12.6     |",
+        "| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |",
+        "|=========================================+========================+======================|",
+    ]
+    for gpu in range(gpu_count):
+        lines += [
+            f"|   {gpu}  {GPU_NAME}          On  |   00000000:{gpu:02d}:00.0 Off |                    0 |",
+            "| N/A   39C    P0            125W /  700W |    7746MiB /  81559MiB |      0%      Default |",
+            rule,
+        ]
+    lines += ["| Processes:                                                                              |",
+              "|    0   N/A  N/A     12345      C   /usr/bin/python3                            0MiB |"]
+    return lines
+
+
+def log_lines(steps, total_steps, environment, source="import torch\nprint('train')", peak=(2300, 2400)):
+    lines = [*source.split("\n"), SEPARATOR, *environment, SEPARATOR]
+    lines += [format_step_line(line, total_steps) for line in steps]
+    lines.append(f"peak memory allocated: {peak[0]} MiB reserved: {peak[1]} MiB")
+    return lines
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_run(path, seed, final_loss, total_steps=20, val_every=5, ms_per_step=100.0, source="print('train')"):
+    rng = np.random.default_rng(seed)
+    steps = make_steps(total_steps, val_every, final_loss, rng, ms_per_step=ms_per_step)
+    environment = our_environment({"seed": seed, "num_iterations": total_steps})
+    return write_lines(path, log_lines(steps, total_steps, environment, source=source))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reader
+
+
+def test_reader_round_trips_our_log(tmp_path):
+    rng = np.random.default_rng(0)
+    steps = make_steps(total_steps=30, val_every=10, final_loss=3.2791, rng=rng, extra=True)
+    settings = {"num_iterations": 30, "train_batch_tokens": 393216, "seed": 7}
+    # A separator-like line inside the source must stay part of the source.
+    source = f'"""Docstring with a rule:\n{SEPARATOR}\n"""\nimport torch\n\nprint("go")\n'
+    path = write_lines(tmp_path / "run.txt", log_lines(steps, 30, our_environment(settings), source, (2345, 2400)))
+
+    log = tool.read_log(path)
+
+    assert log.path == path
+    assert log.source_code == source
+    assert log.environment == our_environment(settings)
+    assert log.device == "2 x cpu"
+    assert log.settings == settings
+    assert log.total_steps == 30
+    assert log.steps == steps
+    assert (log.peak_memory_allocated_mib, log.peak_memory_reserved_mib) == (2345, 2400)
+    assert log.final_val_loss == 3.2791
+    assert log.training_time_ms == steps[-1].train_time_ms
+    assert log.ms_per_step == pytest.approx(steps[-1].train_time_ms / 30)
+    assert [line.step for line in log.val_steps] == [0, 10, 20, 30]
+    assert log.is_complete
+
+
+def test_reader_public_style_log(tmp_path):
+    rng = np.random.default_rng(1)
+    steps = make_steps(total_steps=12, val_every=4, final_loss=3.2785, rng=rng, train_loss=True)
+    lines = log_lines(steps, 12, public_environment(gpu_count=8))
+    # Early public logs print a NaN step average at step 0.
+    first_step = lines.index(format_step_line(steps[0], 12))
+    lines[first_step] = lines[first_step].replace("step_avg:0.00ms", "step_avg:nanms")
+    path = write_lines(tmp_path / "public.txt", lines)
+
+    log = tool.read_log(path)
+
+    assert log.device == f"8 x {GPU_NAME}"
+    assert log.settings is None
+    assert math.isnan(log.steps[0].step_avg_ms)
+    assert log.steps[1:] == steps[1:]
+    assert [line.train_loss for line in log.steps] == [line.train_loss for line in steps]
+    assert log.final_val_loss == 3.2785
+
+    # Early public logs also wrote one peak memory figure in another form.
+    lines[-1] = "peak memory consumption: 37858 MiB"
+    log = tool.read_log(write_lines(path, lines))
+    assert (log.peak_memory_allocated_mib, log.peak_memory_reserved_mib) == (37858, None)
+
+
+def test_reader_device_unknown_without_device_line_or_gpu_table(tmp_path):
+    steps = make_steps(4, 2, 5.0, np.random.default_rng(2))
+    path = write_lines(tmp_path / "bare.txt", log_lines(steps, 4, ["Running Python 3.11.7"]))
+    assert tool.read_log(path).device == "unknown"
+
+
+def test_reader_accepts_incomplete_run(tmp_path):
+    steps = make_steps(20, 5, 4.0, np.random.default_rng(3))[:9]  # stopped early, as a killed run does
+    log = tool.read_log(write_lines(tmp_path / "partial.txt", log_lines(steps, 20, our_environment({}))[:-1]))
+    assert not log.is_complete
+    assert log.peak_memory_allocated_mib is None
+    with pytest.raises(ValueError, match=f"incomplete run \\(stops at step {steps[-1].step} of 20 "):
+        tool.require_complete(log)
+
+
+def body_start(lines):
+    """Index of the first body line: just after the last separator."""
+    return len(lines) - 1 - lines[::-1].index(SEPARATOR) + 1
+
+
+def drop_last_separator(lines):
+    broken = list(lines)
+    del broken[body_start(broken) - 1]
+    return broken, len(broken), "separator"
+
+
+def insert_into_body(text, message, offset=3):
+    def mutate(lines):
+        index = body_start(lines) + offset
+        return [*lines[:index], text, *lines[index:]], index + 1, message
+    return mutate
+
+
+@pytest.mark.parametrize("mutate", [
+    drop_last_separator,
+    insert_into_body("foo", "not a step line: 'foo'"),
+    insert_into_body("step:3/20 val_loss:abc train_time:300ms", "malformed step line"),
+    insert_into_body("step:3/20 val_loss:4.5", "train_time"),
+    insert_into_body("step:3 train_time:300ms", "malformed step line"),
+    insert_into_body("step:3/20 train_time:300ms train_time:301ms", "appears twice"),
+    insert_into_body("step:3/20 train_time:300.5ms", "whole number"),
+    insert_into_body("step:1/20 train_time:100ms", "step 1 comes after step 3", offset=4),
+    insert_into_body("step:3/25 train_time:300ms", "total step count changed", offset=4),
+], ids=["missing separator", "garbage line", "bad value", "no train_time", "no total", "duplicate field",
+        "fractional train_time", "decreasing step", "total changes"])
+def test_reader_rejects_broken_logs_with_file_and_line(tmp_path, mutate):
+    steps = make_steps(20, 5, 4.0, np.random.default_rng(4))
+    lines = log_lines(steps, 20, our_environment({}))
+    path = tmp_path / "broken.txt"
+    write_lines(path, lines)
+    tool.read_log(path)  # the unbroken log is fine
+
+    broken, line_number, message = mutate(lines)
+    write_lines(path, broken)
+    with pytest.raises(ValueError) as error:
+        tool.read_log(path)
+    assert str(error.value).startswith(f"{path}:{line_number}: ")
+    assert message in str(error.value)
+
+
+def test_reader_rejects_invalid_settings_json(tmp_path):
+    environment = our_environment({})
+    environment[3] = "Settings: {not json"
+    lines = log_lines(make_steps(4, 2, 5.0, np.random.default_rng(5)), 4, environment)
+    path = write_lines(tmp_path / "settings.txt", lines)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:{lines.index(environment[3]) + 1}: Settings"):
+        tool.read_log(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Significance
+
+
+@pytest.mark.parametrize("runs", [2, 5, 12])
+def test_significance_matches_scipy(runs):
+    rng = np.random.default_rng(runs)
+    losses = list(rng.normal(3.2785, 0.0018, size=runs))
+    for target in (3.28, 2.92, 3.279):
+        expected = stats.ttest_1samp(losses, target, alternative="less")
+        result = tool.significance_test(losses, target)
+        assert result.t_statistic == pytest.approx(expected.statistic)
+        assert result.p_value == pytest.approx(expected.pvalue)
+        assert result.mean == pytest.approx(np.mean(losses))
+        assert result.std == pytest.approx(np.std(losses, ddof=1))
+        assert result.passed == (expected.pvalue < 0.01)
+
+
+def losses_with_p_near_threshold(scale, runs=6, target=3.28):
+    """Losses whose t statistic is `scale` times the critical value of the 1% one-sided test."""
+    spread = np.random.default_rng(6).normal(0, 0.0015, size=runs)
+    spread -= spread.mean()
+    critical_offset = stats.t.ppf(0.01, runs - 1) * spread.std(ddof=1) / math.sqrt(runs)
+    return [float(loss) for loss in target + scale * critical_offset + spread]
+
+
+@pytest.mark.parametrize("scale, passes", [(1.001, True), (0.999, False)])
+def test_significance_verdict_flips_at_one_percent(capsys, scale, passes):
+    losses = losses_with_p_near_threshold(scale)
+    p_value = stats.ttest_1samp(losses, 3.28, alternative="less").pvalue
+    assert abs(p_value - 0.01) < 1e-4 and (p_value < 0.01) == passes  # the construction is right
+
+    assert tool.significance_test(losses, 3.28).passed == passes
+    exit_code = tool.main(["significance", "--losses", *map(repr, losses)])
+    output = capsys.readouterr().out
+    assert exit_code == (0 if passes else 1)
+    assert ("PASS" in output) == passes and ("FAIL" in output) == (not passes)
+
+
+@pytest.mark.parametrize("options, target", [([], 3.28), (["--track", "medium"], 2.92), (["--target", "2.9"], 2.9)])
+def test_significance_target_by_track_or_value(capsys, options, target):
+    losses = [2.912, 2.914, 2.913, 2.9135]
+    expected = stats.ttest_1samp(losses, target, alternative="less").pvalue
+    assert tool.main(["significance", *options, "--losses", *map(str, losses)]) == (0 if expected < 0.01 else 1)
+    output = capsys.readouterr().out
+    assert f"mean < {target:g}: t = " in output and f"p = {expected:.3g}" in output
+
+
+def test_significance_needs_two_distinct_losses(capsys):
+    with pytest.raises(ValueError, match="at least 2"):
+        tool.significance_test([3.27], 3.28)
+    with pytest.raises(ValueError, match="run-to-run variation"):
+        tool.significance_test([3.27, 3.27, 3.27], 3.28)
+    assert tool.main(["significance", "--losses", "3.27"]) == 2
+    assert "error: a t-test needs the final losses of at least 2 runs" in capsys.readouterr().err
+
+
+def test_significance_reads_final_losses_and_times_from_logs(tmp_path, capsys):
+    finals = [3.2781, 3.2769, 3.2775]
+    paths = [write_run(tmp_path / f"run{seed}.txt", seed, final) for seed, final in enumerate(finals)]
+    times = [tool.read_log(path).training_time_ms / 1000 for path in paths]
+
+    assert tool.main(["significance", str(tmp_path)]) == 0
+    output = capsys.readouterr().out
+    expected = stats.ttest_1samp(finals, 3.28, alternative="less")
+    assert f"p = {expected.pvalue:.3g}" in output
+    assert f"mean {np.mean(finals):.5f}" in output
+    assert f"training time: mean {np.mean(times):.2f} s, std {np.std(times, ddof=1):.2f} s" in output
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compare
+
+
+def test_time_to_reach_matches_piecewise_linear_crossing():
+    rng = np.random.default_rng(7)
+    times = np.cumsum(rng.uniform(500, 1500, size=12))
+    losses = np.sort(rng.uniform(3.0, 11.0, size=12))[::-1]
+    for target in rng.uniform(losses[-1], losses[0], size=50):
+        # np.interp needs increasing x: walk the decreasing curve backwards.
+        expected = np.interp(target, losses[::-1], times[::-1])
+        assert tool.time_to_reach(list(times), list(losses), target) == pytest.approx(expected)
+    assert tool.time_to_reach(list(times), list(losses), losses[-1] - 0.01) is None
+    assert tool.time_to_reach(list(times), list(losses), losses[0] + 1.0) == times[0]
+
+
+def test_time_to_reach_takes_the_first_crossing():
+    # Dips to 3.2 between t=1000 and t=2000, bounces back up, crosses again later.
+    times, losses = [0.0, 1000.0, 2000.0, 3000.0, 4000.0], [4.0, 3.5, 3.0, 3.6, 3.1]
+    assert tool.time_to_reach(times, losses, 3.2) == pytest.approx(np.interp(3.2, [3.0, 3.5], [2000.0, 1000.0]))
+
+
+def test_run_set_averages_shared_val_steps(tmp_path):
+    logs = [tool.read_log(write_run(tmp_path / f"r{seed}.txt", seed, 3.0 + seed / 10, val_every=val_every))
+            for seed, val_every in enumerate([5, 10, 5])]
+    run = tool.build_run_set("set", logs)
+    assert run.val_steps == (0, 10, 20)  # only the steps every log validates at
+    assert run.val_losses[-1] == pytest.approx(np.mean([log.final_val_loss for log in logs]))
+    assert run.val_times_ms[-1] == pytest.approx(np.mean([log.training_time_ms for log in logs]))
+
+
+def test_compare_reports_common_steps_and_time_to_loss(tmp_path, capsys):
+    fast = write_run(tmp_path / "fast.txt", 1, 3.27, total_steps=20, val_every=5, ms_per_step=80)
+    slow_dir = tmp_path / "slow"
+    slow_dir.mkdir()
+    slow = [write_run(slow_dir / f"s{seed}.txt", seed, 3.30, total_steps=20, val_every=10) for seed in (2, 3)]
+
+    assert tool.main(["compare", str(fast), str(slow_dir), "--losses", "5.0", "3.28"]) == 0
+    output = capsys.readouterr().out
+    fast_log = tool.read_log(fast)
+    slow_set = tool.build_run_set("slow", [tool.read_log(path) for path in slow])
+    val_table = output.split("## Val loss at common steps")[1].split("##")[0]
+    # Only the steps both runs validate at (every 10th) appear.
+    assert [row.split("|")[1].strip() for row in val_table.strip().splitlines()[2:]] == ["0", "10", "20"]
+    fast_time = tool.time_to_reach([s.train_time_ms for s in fast_log.val_steps],
+                                   [s.val_loss for s in fast_log.val_steps], 5.0)
+    slow_time = tool.time_to_reach(slow_set.val_times_ms, slow_set.val_losses, 5.0)
+    assert f" {fast_time / 1000:.2f} s |" in output and f" {slow_time / 1000:.2f} s |" in output
+    assert "not reached" in output.split("## Time to reach val loss")[1]  # slow ends at 3.30 > 3.28
+
+
+def test_compare_needs_two_runs(tmp_path, capsys):
+    path = write_run(tmp_path / "one.txt", 0, 3.5)
+    assert tool.main(["compare", str(path)]) == 2
+    assert "at least two runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("run_count", [2, 3])
+def test_plot_has_one_curve_per_run_in_each_panel(tmp_path, run_count):
+    run_sets = [tool.build_run_set(f"run{seed}", [tool.read_log(write_run(tmp_path / f"{seed}.txt", seed, 3.3))])
+                for seed in range(run_count)]
+    figure = tool.plot_runs(run_sets)
+    panels = figure.get_axes()
+    assert len(panels) == 2
+    for panel in panels:
+        curves = [line for line in panel.get_lines() if isinstance(line, Line2D)]
+        assert len(curves) == run_count
+    assert [line.get_label() for line in panels[0].get_lines()] == [run.label for run in run_sets]
+
+
+def test_compare_writes_png_and_source_diff(tmp_path, capsys):
+    old = write_run(tmp_path / "old.txt", 0, 3.29, source="lr = 0.05\nsteps = 1770")
+    new = write_run(tmp_path / "new.txt", 1, 3.28, source="lr = 0.04\nsteps = 1770")
+    plot = tmp_path / "curves.png"
+
+    assert tool.main(["compare", str(old), str(new), "--plot", str(plot), "--diff"]) == 0
+    output = capsys.readouterr().out
+    assert plot.read_bytes().startswith(PNG_SIGNATURE)
+    assert f"--- {old}\n+++ {new}\n" in output
+    assert "\n-lr = 0.05\n+lr = 0.04\n" in output
+
+    assert tool.main(["compare", str(old), str(old), "--diff"]) == 0
+    assert "is identical" in capsys.readouterr().out
+
+
+def test_script_runs_from_the_command_line(tmp_path):
+    log = write_run(tmp_path / "cli.txt", 0, 3.4)
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "records" / "tool.py"), "summary", str(log)],
+                            capture_output=True, text=True, check=True)
+    assert "3.4000" in result.stdout and "2 x cpu" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# README records table
+
+
+def make_record(records_dir, name, title, finals, device="2 x cpu"):
+    folder = records_dir / name
+    folder.mkdir(parents=True)
+    (folder / "README.md").write_text(f"Intro line\n\n# {title}\n\nWhat changed.\n", encoding="utf-8")
+    for seed, final in enumerate(finals):
+        steps = make_steps(10, 5, final, np.random.default_rng(seed))
+        write_lines(folder / f"run{seed}.txt", log_lines(steps, 10, our_environment({"seed": seed}, device)))
+    return folder
+
+
+def table_rows(readme_text):
+    table = readme_text.split(tool.TABLE_BEGIN)[1].split(tool.TABLE_END)[0].strip().splitlines()
+    return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in table[2:]]
+
+
+def test_table_lists_record_folders(tmp_path, capsys):
+    records_dir = tmp_path / "records"
+    baseline = [3.2801, 3.2772, 3.2790]  # mean differs from median
+    faster = [3.2771]
+    make_record(records_dir, "2026-01-02_Baseline", "Record-21 baseline", baseline)
+    make_record(records_dir, "2026-03-04_Faster", "Faster | shorter", faster, device=f"8 x {GPU_NAME}")
+    (records_dir / "notes").mkdir()  # not a record folder: ignored
+    readme = tmp_path / "README.md"
+    before, after = "# Project\n\nResults:\n", "\nMore text.\n"
+    readme.write_text(f"{before}{tool.TABLE_BEGIN}\nold table\n{tool.TABLE_END}{after}", encoding="utf-8")
+    args = ["table", "--readme", str(readme), "--records-dir", str(records_dir)]
+
+    assert tool.main([*args, "--check"]) == 1
+    assert tool.main(args) == 0
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith(before + tool.TABLE_BEGIN) and text.endswith(tool.TABLE_END + after)
+    expected_p = stats.ttest_1samp(baseline, 3.28, alternative="less").pvalue
+    mean_seconds = [np.mean([tool.read_log(log).training_time_ms for log in (records_dir / name).glob("*.txt")]) / 1000
+                    for name in ("2026-01-02_Baseline", "2026-03-04_Faster")]
+    assert table_rows(text) == [
+        ["2026-01-02", "[Record-21 baseline](records/2026-01-02_Baseline/)", "3", f"{np.mean(baseline):.4f}",
+         f"{expected_p:.3g}", f"{mean_seconds[0]:.2f} s", "2 x cpu"],
+        ["2026-03-04", "[Faster \\| shorter](records/2026-03-04_Faster/)", "1", f"{faster[0]:.4f}",
+         "- (1 run)", f"{mean_seconds[1]:.2f} s", f"8 x {GPU_NAME}"],
+    ]
+
+    assert tool.main([*args, "--check"]) == 0
+    # A new run makes the table stale; --check notices and changes nothing.
+    write_lines(records_dir / "2026-03-04_Faster" / "run9.txt",
+                log_lines(make_steps(10, 5, 3.2765, np.random.default_rng(9)), 10, our_environment({})))
+    assert tool.main([*args, "--check"]) == 1
+    assert readme.read_text(encoding="utf-8") == text
+    assert "out of date" in capsys.readouterr().out
+    assert tool.main(args) == 0
+    assert table_rows(readme.read_text(encoding="utf-8"))[1][2] == "2"
+    assert tool.main([*args, "--target", "3.2795"]) == 0
+    assert "p (mean < 3.2795)" in readme.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("readme_text, message", [
+    ("# Project\n", "records-table:begin"),
+    (f"{tool.TABLE_BEGIN}\n", "records-table:end"),
+    (f"{tool.TABLE_END}\n{tool.TABLE_BEGIN}\n", "comes before"),
+])
+def test_table_needs_markers(tmp_path, capsys, readme_text, message):
+    readme = tmp_path / "README.md"
+    readme.write_text(readme_text, encoding="utf-8")
+    (tmp_path / "records").mkdir()
+    assert tool.main(["table", "--readme", str(readme), "--records-dir", str(tmp_path / "records")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {readme}: ") and message in error
+    assert readme.read_text(encoding="utf-8") == readme_text
+
+
+def test_table_rejects_incomplete_record_folders(tmp_path):
+    records_dir = tmp_path / "records"
+    folder = make_record(records_dir, "2026-05-06_NoTitle", "x", [3.28, 3.27])
+    (folder / "README.md").write_text("no heading here\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no '# ' heading"):
+        tool.find_records(records_dir)
+    (folder / "README.md").unlink()
+    with pytest.raises(ValueError, match="README.md: missing"):
+        tool.find_records(records_dir)
+    (folder / "README.md").write_text("# Title\n", encoding="utf-8")
+    tool.find_records(records_dir)
+    (tmp_path / "records" / "2026-13-01_BadDate").mkdir()
+    with pytest.raises(ValueError, match="not a valid date"):
+        tool.find_records(records_dir)
+
+
+def test_repository_readme_table_is_up_to_date(capsys):
+    """CI guard: after adding or changing a record folder, run `python records/tool.py table`."""
+    assert tool.main(["table", "--check"]) == 0, capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logs of the real trainer (tiny CPU runs provided by tests/conftest.py)
+
+
+def test_real_trainer_logs_through_all_commands(tiny_run_logs, tmp_path, capsys):
+    first, second = tiny_run_logs
+    logs = [tool.read_log(path) for path in tiny_run_logs]
+    for log in logs:
+        assert log.is_complete and log.settings is not None and log.device != "unknown"
+        assert log.source_code == logs[0].source_code  # same script, different seeds
+
+    assert tool.main(["summary", str(first), str(second)]) == 0
+    output = capsys.readouterr().out
+    for log in logs:
+        assert str(log.path) in output and f"{log.final_val_loss:.4f}" in output and log.device in output
+
+    losses = [log.final_val_loss for log in logs]
+    target = max(losses) + 1.0
+    expected = stats.ttest_1samp(losses, target, alternative="less")
+    exit_code = tool.main(["significance", str(first), str(second), "--target", str(target)])
+    output = capsys.readouterr().out
+    assert exit_code == (0 if expected.pvalue < 0.01 else 1)
+    assert f"p = {expected.pvalue:.3g}" in output
+
+    plot = tmp_path / "tiny.png"
+    assert tool.main(["compare", str(first), str(second), "--losses", str(target), "--plot", str(plot), "--diff"]) == 0
+    output = capsys.readouterr().out
+    assert plot.read_bytes().startswith(PNG_SIGNATURE)
+    assert "is identical" in output
+    assert "not reached" not in output  # both runs end below max(final losses) + 1
