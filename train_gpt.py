@@ -1,0 +1,987 @@
+"""GPT-2-small speedrun trainer: the record-21 recipe on any number of GPUs, or on CPU for tests.
+
+Launch with torchrun (`./run.sh` does it), or plainly with `python train_gpt.py` for one process.
+Every setting below can be overridden as `--name=value`; `--help` lists them.
+
+Sections, top to bottom:
+  1. Settings            5. Model
+  2. Distributed setup   6. Attention masks
+  3. FP8 matmul op       7. Data loading
+  4. Optimizers          8. Training loop and logs
+"""
+
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Settings
+
+
+def setting(default, help_text):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class Settings:
+    # data
+    train_files: str = setting("data/fineweb10B/fineweb_train_*.bin", "glob of training token shards")
+    val_files: str = setting("data/fineweb10B/fineweb_val_*.bin", "glob of validation token shards")
+    val_tokens: int = setting(10_485_760, "validation tokens, taken from the start of val_files")
+    train_seq_len: int = setting(48 * 1024, "tokens in one packed training sequence (one micro-batch)")
+    val_seq_len: int = setting(4 * 64 * 1024, "tokens in one packed validation sequence")
+    train_batch_tokens: int = setting(8 * 48 * 1024, "tokens per optimizer step, over all ranks")
+    # schedule
+    num_iterations: int = setting(1770, "optimizer steps")
+    cooldown_frac: float = setting(0.4, "final fraction of steps over which the LR decays to 0.1x")
+    val_every: int = setting(125, "validate every this many steps (and at the end); 0: only at the end")
+    warmup_steps: int = setting(10, "untimed compile/kernel warmup steps on dummy data, then state is restored")
+    # model
+    vocab_size: int = setting(50257, "token vocabulary (GPT-2)")
+    num_layers: int = setting(12, "transformer blocks (even: half encoder, half decoder for U-net skips)")
+    model_dim: int = setting(768, "residual stream width")
+    num_heads: int = setting(6, "attention heads")
+    head_dim: int = setting(128, "width of one attention head (num_heads * head_dim == model_dim)")
+    mlp_ratio: int = setting(4, "MLP hidden width / model_dim")
+    attention_layout: str = setting("LSSSLSS-SSSL", "per block: L long window, S short window, - no attention")
+    value_embed_layout: str = setting("012------012", "per block: index of its value-embedding table, - none")
+    block_size: int = setting(128, "attention mask block size in tokens")
+    max_window_tokens: int = setting(1792, "final long sliding window; grows linearly from one block")
+    attn_scale: float = setting(0.12, "fixed softmax scale for QK-normed attention")
+    logit_cap: float = setting(30.0, "logits soft cap: cap * sigmoid(z / (cap / 4))")
+    fp8_head: bool = setting(True, "LM head matmul in FP8 during training (evaluation stays in 16/32 bit)")
+    # optimizers
+    muon_lr: float = setting(0.05, "Muon learning rate (hidden matrices)")
+    muon_momentum: float = setting(0.95, "Muon momentum after warmup")
+    muon_momentum_start: float = setting(0.85, "Muon momentum at step 0")
+    muon_momentum_warmup_steps: int = setting(300, "steps over which Muon momentum rises linearly")
+    newton_schulz_steps: int = setting(5, "Newton-Schulz iterations in Muon")
+    head_lr: float = setting(0.008, "Adam learning rate for the LM head")
+    embed_lr: float = setting(0.6, "Adam learning rate for token and value embeddings")
+    scalar_lr: float = setting(0.04, "Adam learning rate for scalars (lambdas, skip weights)")
+    adam_beta1: float = setting(0.8, "Adam beta1")
+    adam_beta2: float = setting(0.95, "Adam beta2")
+    adam_eps: float = setting(1e-10, "Adam epsilon")
+    # machinery
+    device: str = setting("auto", "auto (cuda if available), cuda or cpu")
+    attention_backend: str = setting("auto", "auto (flex on cuda, sdpa on cpu), flex or sdpa (dense mask)")
+    compile: bool = setting(True, "torch.compile the model")
+    seed: int = setting(0, "random seed for the model init")
+    log_dir: str = setting("logs", "folder for the run log <run_id>.txt (rank 0)")
+    run_id: str = setting("", "log file name; empty: a random UUID")
+    save_checkpoint: bool = setting(False, "save the final model to <log_dir>/<run_id>_final.pt")
+    preset: str = setting("", "apply a preset first (tiny: a small CPU-sized run), then the other flags")
+
+
+PRESETS = {
+    # A run with validation that finishes on a 2-core CPU in about a minute. Same code paths as the
+    # record except attention (dense-mask SDPA on CPU) and the FP8 head, which CPUs only emulate
+    # (~6x slower than fp32 here); the FP8 op has its own tests.
+    "tiny": dict(
+        num_layers=6, model_dim=32, num_heads=2, head_dim=16, attention_layout="LSS-SL",
+        value_embed_layout="01--01", block_size=32, max_window_tokens=256, train_seq_len=512,
+        train_batch_tokens=2048, val_seq_len=2048, val_tokens=16384, num_iterations=120,
+        val_every=40, warmup_steps=2, muon_momentum_warmup_steps=30, fp8_head=False,
+    ),
+}
+
+
+class SettingsError(ValueError):
+    """A bad setting or environment; the message says what is wrong and how to fix it."""
+
+
+class DataError(ValueError):
+    """A missing, corrupt or too small data file; the message names the file."""
+
+
+def parse_value(name: str, kind: type, text: str):
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"--{name}={text}: expected true or false")
+    try:
+        return kind(text)
+    except ValueError:
+        raise SettingsError(f"--{name}={text}: expected a value of type {kind.__name__}") from None
+
+
+def settings_help() -> str:
+    lines = ["usage: torchrun --nproc_per_node=N train_gpt.py [--name=value ...]", "", "settings:"]
+    for f in dataclasses.fields(Settings):
+        lines.append(f"  --{f.name}={f.default!s:<40} {f.metadata['help']}")
+    lines.append(f"presets: {', '.join(PRESETS)}")
+    return "\n".join(lines)
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    types = {f.name: type(f.default) for f in fields.values()}
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SettingsError(f"bad argument {arg!r}: settings are given as --name=value (see --help)")
+        name, text = arg[2:].split("=", 1)
+        if name not in fields:
+            raise SettingsError(f"unknown setting --{name} (see --help for the list)")
+        overrides[name] = parse_value(name, types[name], text)
+    preset = overrides.get("preset", "")
+    if preset and preset not in PRESETS:
+        raise SettingsError(f"--preset={preset}: unknown preset; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS.get(preset, {}), **overrides}
+    settings = Settings(**values)
+    check_settings(settings)
+    return settings
+
+
+def check_settings(s: Settings):
+    def require(condition: bool, message: str):
+        if not condition:
+            raise SettingsError(message)
+
+    positive = ["val_tokens", "train_seq_len", "val_seq_len", "train_batch_tokens", "num_iterations",
+                "vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio",
+                "block_size", "max_window_tokens", "newton_schulz_steps"]
+    for name in positive:
+        require(getattr(s, name) > 0, f"--{name}={getattr(s, name)}: must be positive")
+    require(s.num_layers % 2 == 0, f"--num_layers={s.num_layers}: must be even (U-net encoder/decoder halves)")
+    require(s.num_heads * s.head_dim == s.model_dim,
+            f"num_heads * head_dim = {s.num_heads * s.head_dim} must equal model_dim = {s.model_dim}")
+    require(s.head_dim % 4 == 0, f"--head_dim={s.head_dim}: must be a multiple of 4 (rotary layout)")
+    require(len(s.attention_layout) == s.num_layers and set(s.attention_layout) <= set("LS-"),
+            f"--attention_layout={s.attention_layout}: needs one of L, S, - per block ({s.num_layers} blocks)")
+    require(len(s.value_embed_layout) == s.num_layers and set(s.value_embed_layout) <= set("0123456789-"),
+            f"--value_embed_layout={s.value_embed_layout}: needs a digit or - per block ({s.num_layers} blocks)")
+    for name in ("train_seq_len", "val_seq_len", "max_window_tokens"):
+        require(getattr(s, name) % s.block_size == 0,
+                f"--{name}={getattr(s, name)}: must be a multiple of block_size={s.block_size}")
+    require(s.train_batch_tokens % s.train_seq_len == 0,
+            f"--train_batch_tokens={s.train_batch_tokens}: must be a multiple of train_seq_len={s.train_seq_len}")
+    require(s.val_tokens % s.val_seq_len == 0,
+            f"--val_tokens={s.val_tokens}: must be a multiple of val_seq_len={s.val_seq_len}")
+    require(0.0 <= s.cooldown_frac <= 1.0, f"--cooldown_frac={s.cooldown_frac}: must be in [0, 1]")
+    require(s.val_every >= 0 and s.warmup_steps >= 0, "--val_every and --warmup_steps must be >= 0")
+    require(s.device in ("auto", "cuda", "cpu"), f"--device={s.device}: choose auto, cuda or cpu")
+    require(s.attention_backend in ("auto", "flex", "sdpa"),
+            f"--attention_backend={s.attention_backend}: choose auto, flex or sdpa")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Distributed setup
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+    attention_backend: str  # "flex" or "sdpa"
+    grad_accum_steps: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        # bf16 on GPUs; fp32 on CPU, whose bf16 matmuls are ~3x slower than fp32.
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_runtime(s: Settings, rank: int, world_size: int, local_rank: int) -> Runtime:
+    """Checks device, attention backend and world size before any process group exists."""
+    has_cuda = torch.cuda.is_available()
+    if s.device == "cuda" and not has_cuda:
+        raise SettingsError("--device=cuda but no CUDA GPU is visible; use --device=cpu (e.g. with --preset=tiny)")
+    device_type = "cuda" if s.device == "cuda" or (s.device == "auto" and has_cuda) else "cpu"
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    backend = s.attention_backend
+    if backend == "auto":
+        backend = "flex" if device_type == "cuda" else "sdpa"
+    if backend == "flex" and device_type == "cpu":
+        raise SettingsError("--attention_backend=flex needs a CUDA GPU (FlexAttention has no backward on CPU); "
+                            "use --attention_backend=sdpa on CPU")
+    if backend == "flex" and not s.compile:
+        raise SettingsError("--attention_backend=flex needs --compile=true (eager FlexAttention materialises "
+                            "the full score matrix); use --attention_backend=sdpa to run uncompiled")
+    sequences_per_step = s.train_batch_tokens // s.train_seq_len
+    if sequences_per_step % world_size != 0:
+        raise SettingsError(
+            f"world size {world_size} cannot split a step of {sequences_per_step} sequences "
+            f"(train_batch_tokens={s.train_batch_tokens} / train_seq_len={s.train_seq_len}); "
+            f"run with {', '.join(map(str, divisors(sequences_per_step)))} processes")
+    return Runtime(rank, world_size, device, backend, sequences_per_step // world_size)
+
+
+def init_distributed(runtime: Runtime):
+    if runtime.device.type == "cuda":
+        torch.cuda.set_device(runtime.device)
+    if runtime.world_size > 1:
+        backend = "nccl" if runtime.device.type == "cuda" else "gloo"
+        device_id = runtime.device if runtime.device.type == "cuda" else None
+        dist.init_process_group(backend=backend, device_id=device_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. FP8 matmul op (LM head)
+# out = x @ w.T with x, w cast to float8_e4m3fn and the output gradient to float8_e5m2. Fixed scales
+# multiply before the cast and are divided out by _scaled_mm. torch._scaled_mm has no autograd, so
+# the op is a custom op with its own backward.
+
+FP8_X_SCALE = 2.0
+FP8_W_SCALE = 2.0**9
+FP8_GRAD_SCALE = 2.0**19
+
+
+def check_fp8_operands(x: Tensor, w: Tensor):
+    # cuBLAS FP8 needs row-major operands with dims divisible by 16; CPU accepts more, so check here.
+    if x.ndim != 2 or w.ndim != 2 or not x.is_contiguous() or not w.is_contiguous():
+        raise ValueError("fp8 matmul needs contiguous 2-D x (tokens, in) and w (out, in)")
+    if x.size(0) % 16 or x.size(1) % 16 or w.size(0) % 16:
+        raise ValueError(f"fp8 matmul needs dims divisible by 16, got x {tuple(x.shape)}, w {tuple(w.shape)}")
+
+
+@torch.library.custom_op("speedrun::fp8_matmul", mutates_args=())
+def fp8_matmul_op(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    check_fp8_operands(x, w)
+    x_f8 = x.mul(x_scale).to(torch.float8_e4m3fn)
+    w_f8 = w.mul(w_scale).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=x.dtype, use_fast_accum=True,
+                           scale_a=x.new_tensor(1 / x_scale, dtype=torch.float32),
+                           scale_b=x.new_tensor(1 / w_scale, dtype=torch.float32))
+    return out, x_f8, w_f8
+
+
+@fp8_matmul_op.register_fake
+def _(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float):
+    return (x.new_empty(x.size(0), w.size(0)), torch.empty_like(x, dtype=torch.float8_e4m3fn),
+            torch.empty_like(w, dtype=torch.float8_e4m3fn))
+
+
+@torch.library.custom_op("speedrun::fp8_matmul_backward", mutates_args=())
+def fp8_matmul_backward_op(grad: Tensor, x_f8: Tensor, w_f8: Tensor, x_scale: float, w_scale: float,
+                           grad_scale: float) -> tuple[Tensor, Tensor]:
+    grad_f8 = grad.mul(grad_scale).to(torch.float8_e5m2)
+    inv_grad_scale = grad.new_tensor(1 / grad_scale, dtype=torch.float32)
+    # _scaled_mm wants a row-major first and a column-major second operand: hence the .T.contiguous().T
+    grad_x = torch._scaled_mm(grad_f8, w_f8.T.contiguous().T, out_dtype=grad.dtype, scale_a=inv_grad_scale,
+                              scale_b=grad.new_tensor(1 / w_scale, dtype=torch.float32))
+    grad_w = torch._scaled_mm(grad_f8.T.contiguous(), x_f8.T.contiguous().T, out_dtype=torch.float32,
+                              scale_a=inv_grad_scale, scale_b=grad.new_tensor(1 / x_scale, dtype=torch.float32))
+    return grad_x, grad_w
+
+
+@fp8_matmul_backward_op.register_fake
+def _(grad: Tensor, x_f8: Tensor, w_f8: Tensor, x_scale: float, w_scale: float, grad_scale: float):
+    return grad.new_empty(x_f8.shape), grad.new_empty(w_f8.shape, dtype=torch.float32)
+
+
+def _fp8_setup_context(ctx, inputs, output):
+    _, _, x_scale, w_scale, grad_scale = inputs
+    _, x_f8, w_f8 = output
+    ctx.save_for_backward(x_f8, w_f8)
+    ctx.scales = (x_scale, w_scale, grad_scale)
+    ctx.set_materialize_grads(False)
+
+
+def _fp8_backward(ctx, grad_out, *_unused_grads):
+    x_f8, w_f8 = ctx.saved_tensors
+    grad_x, grad_w = fp8_matmul_backward_op(grad_out, x_f8, w_f8, *ctx.scales)
+    return grad_x, grad_w, None, None, None
+
+
+fp8_matmul_op.register_autograd(_fp8_backward, setup_context=_fp8_setup_context)
+
+
+def fp8_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x (tokens, in) @ w (out, in).T in FP8 with the record's fixed scales; output in x's dtype."""
+    return fp8_matmul_op(x, w, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Optimizers
+
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic; pushes singular values into ~[0.7, 1.2]
+
+
+def newton_schulz_orthogonalize(grad: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
+    """Approximates U V^T of grad = U S V^T for each matrix in the last two dims."""
+    a, b, c = NEWTON_SCHULZ_COEFFS
+    x = grad.to(dtype)
+    tall = grad.size(-2) > grad.size(-1)
+    if tall:  # iterate on the wide orientation so X X^T is the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum + Nesterov, then orthogonalised updates for 2-D (or stacked 2-D) weights.
+
+    Parameters of one shape form a group. Within a group, rank r orthogonalises matrices r, r + W,
+    r + 2W, ... (W = world size) and an all-gather hands every rank every update, so all ranks apply
+    the same update as a single process would. Gradients must already be averaged across ranks.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, ns_steps: int, ns_dtype: torch.dtype,
+                 rank: int = 0, world_size: int = 1):
+        params = list(params)
+        shapes = sorted({tuple(p.shape) for p in params}, key=lambda shape: -math.prod(shape))
+        groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
+        super().__init__(groups, dict(lr=lr, momentum=momentum))
+        self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
+        self.rank, self.world_size = rank, world_size
+
+    def _orthogonal_update(self, param: Tensor, momentum: float) -> Tensor:
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param.grad)
+        buffer = state["momentum_buffer"]
+        buffer.lerp_(param.grad, 1 - momentum)
+        nesterov_grad = param.grad.lerp(buffer, momentum)
+        update = newton_schulz_orthogonalize(nesterov_grad, self.ns_steps, self.ns_dtype)
+        return update * max(1.0, param.size(-2) / param.size(-1)) ** 0.5
+
+    @torch.no_grad()
+    def step(self):
+        pending = []  # (all-gather handle or None, gathered updates, params they belong to)
+        for group in self.param_groups:
+            params = group["params"]
+            for base in range(0, len(params), self.world_size):
+                chunk = params[base:base + self.world_size]
+                if self.rank < len(chunk):
+                    update = self._orthogonal_update(chunk[self.rank], group["momentum"])
+                else:  # this rank has no matrix left in the group; send zeros
+                    update = torch.zeros_like(params[-1], dtype=self.ns_dtype)
+                if self.world_size == 1:
+                    pending.append((None, [update], chunk, group["lr"]))
+                    continue
+                gathered = [torch.empty_like(update) for _ in range(self.world_size)]
+                handle = dist.all_gather(gathered, update.contiguous(), async_op=True)
+                pending.append((handle, gathered, chunk, group["lr"]))
+        for handle, updates, chunk, lr in pending:
+            if handle is not None:
+                handle.wait()
+            for param, update in zip(chunk, updates):
+                param.add_(update.to(param.dtype), alpha=-lr)
+
+
+def build_optimizers(model: "GPT", s: Settings, runtime: Runtime) -> tuple[Muon, torch.optim.Adam]:
+    hidden_matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
+    embeddings = [model.embed.weight, *(table.weight for table in model.value_embeds)]
+    scalars = [p for p in model.parameters() if p.ndim < 2]
+    head = [model.lm_head.weight]
+    assert len(hidden_matrices) + len(embeddings) + len(scalars) + len(head) == len(list(model.parameters()))
+    adam = torch.optim.Adam(
+        [dict(params=head, lr=s.head_lr), dict(params=embeddings, lr=s.embed_lr),
+         dict(params=scalars, lr=s.scalar_lr)],
+        betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_eps, fused=runtime.device.type == "cuda")
+    muon = Muon(hidden_matrices, lr=s.muon_lr, momentum=s.muon_momentum, ns_steps=s.newton_schulz_steps,
+                ns_dtype=runtime.compute_dtype, rank=runtime.rank, world_size=runtime.world_size)
+    for optimizer in (muon, adam):
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+    return muon, adam
+
+
+def lr_factor(step: int, s: Settings) -> float:
+    """1.0, then a linear decay to 0.1 over the last cooldown_frac of the steps."""
+    progress = step / s.num_iterations
+    if progress < 1 - s.cooldown_frac:
+        return 1.0
+    remaining = (1 - progress) / s.cooldown_frac
+    return remaining + (1 - remaining) * 0.1
+
+
+def muon_momentum(step: int, s: Settings) -> float:
+    ramp = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps else 1.0
+    return (1 - ramp) * s.muon_momentum_start + ramp * s.muon_momentum
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Model
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def init_uniform_(weight: Tensor) -> Tensor:
+    fan_in = weight.size(-1)
+    bound = 3**0.5 * 0.5 / fan_in**0.5  # uniform with std 0.5 / sqrt(fan_in)
+    return weight.uniform_(-bound, bound)
+
+
+class CastedLinear(nn.Module):
+    """Bias-free linear layer with an fp32 master weight, computed in the input's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        if zero_init:
+            nn.init.zeros_(self.weight)
+        else:
+            init_uniform_(self.weight.data)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.type_as(x))
+
+
+class Rotary(nn.Module):
+    """Rotary embedding on half of each head: head_dim/4 frequencies from 1 down to 1/1024 rotate the
+    first and third quarters against the second and fourth; the other head_dim/4 pairs keep frequency
+    0 (cos 1, sin 0) and are not rotated."""
+
+    def __init__(self, head_dim: int, max_seq_len: int):
+        super().__init__()
+        quarter = head_dim // 4
+        frequencies = torch.cat([(1 / 1024) ** torch.linspace(0, 1, quarter), torch.zeros(quarter)])
+        angles = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * frequencies[None, :]  # (T, D/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (B, T, H, D)
+        seq_len = x.size(1)
+        cos, sin = self.cos[None, :seq_len, None, :], self.sin[None, :seq_len, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+
+AttentionMask = BlockMask | Tensor  # a FlexAttention BlockMask, or a dense (T, T) bool mask for SDPA
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float) -> Tensor:
+    """q, k, v (B, T, H, D) -> (B, T, H, D), with FlexAttention or dense-mask SDPA."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    if isinstance(mask, BlockMask):
+        out = flex_attention(q, k, v, block_mask=mask, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, s: Settings, max_seq_len: int):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = s.num_heads, s.head_dim, s.attn_scale
+        # Q, K and V weights stacked: one matmul, but Muon orthogonalises the three separately.
+        self.qkv_weight = nn.Parameter(init_uniform_(torch.empty(3, s.num_heads * s.head_dim, s.model_dim)))
+        self.value_lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+        self.rotary = Rotary(s.head_dim, max_seq_len)
+        self.proj = CastedLinear(s.num_heads * s.head_dim, s.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor, value_embed: Tensor | None, mask: AttentionMask) -> Tensor:
+        batch, seq_len, _ = x.shape
+        qkv = F.linear(x, self.qkv_weight.flatten(end_dim=1).type_as(x))  # (B, T, 3*H*D)
+        q, k, v = qkv.view(batch, seq_len, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)  # (B, T, H, D)
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        if value_embed is not None:
+            v = self.value_lambdas[0] * v + self.value_lambdas[1] * value_embed.view_as(v)
+        else:
+            v = self.value_lambdas[0] * v
+        y = attention(q, k, v, mask, self.scale)
+        return self.proj(y.reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, hidden)
+        self.proj = CastedLinear(hidden, dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, s: Settings, has_attention: bool, max_seq_len: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(s, max_seq_len) if has_attention else None
+        self.mlp = MLP(s.model_dim, s.mlp_ratio * s.model_dim)
+        self.embed_mix = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
+
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, mask: AttentionMask | None) -> Tensor:
+        x = self.embed_mix[0] * x + self.embed_mix[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(rms_norm(x), value_embed, mask)
+        return x + self.mlp(rms_norm(x))
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    return -(-vocab_size // 128) * 128
+
+
+class GPT(nn.Module):
+    def __init__(self, s: Settings, attention_backend: str):
+        super().__init__()
+        max_seq_len = max(s.train_seq_len, s.val_seq_len)
+        self.block_size, self.logit_cap, self.fp8_head = s.block_size, s.logit_cap, s.fp8_head
+        self.attention_backend = attention_backend  # "flex" or "sdpa"
+        self.window_kinds = [None if kind == "-" else kind for kind in s.attention_layout]
+        self.value_embed_tables = [None if c == "-" else int(c) for c in s.value_embed_layout]
+        num_tables = 1 + max((t for t in self.value_embed_tables if t is not None), default=-1)
+        self.embed = nn.Embedding(s.vocab_size, s.model_dim)
+        self.value_embeds = nn.ModuleList(nn.Embedding(s.vocab_size, s.model_dim) for _ in range(num_tables))
+        self.blocks = nn.ModuleList(Block(s, kind is not None, max_seq_len) for kind in self.window_kinds)
+        self.skip_weights = nn.Parameter(torch.ones(s.num_layers // 2))  # U-net: decoder block i <- encoder
+        self.lm_head = CastedLinear(s.model_dim, padded_vocab_size(s.vocab_size), zero_init=True)
+        for embedding in (self.embed, *self.value_embeds):
+            nn.init.normal_(embedding.weight)
+
+    def attention_masks(self, input_seq: Tensor, window_blocks: Tensor) -> dict[str, AttentionMask]:
+        long_blocks = window_blocks
+        short_blocks = torch.clamp_min(window_blocks // 2, 1)
+        return attention_masks(input_seq, {"L": long_blocks, "S": short_blocks}, self.block_size,
+                               self.attention_backend)
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
+        """input_seq, target_seq (T,) one packed sequence; window_blocks: 0-d int tensor, the long window
+        in blocks. Returns the mean cross-entropy."""
+        masks = self.attention_masks(input_seq, window_blocks)
+        x = x0 = rms_norm(self.embed(input_seq)[None])  # (1, T, dim)
+        value_embeds = [table(input_seq) for table in self.value_embeds]  # each (T, dim)
+        num_encoder = len(self.blocks) // 2
+        encoder_outputs = []
+        for i, block in enumerate(self.blocks):
+            if i >= num_encoder:  # decoder block num_encoder + j gets encoder block num_encoder - 1 - j
+                x = x + self.skip_weights[i - num_encoder] * encoder_outputs.pop()
+            table = self.value_embed_tables[i]
+            kind = self.window_kinds[i]
+            x = block(x, x0, None if table is None else value_embeds[table], None if kind is None else masks[kind])
+            if i < num_encoder:
+                encoder_outputs.append(x)
+        return self.loss(rms_norm(x)[0], target_seq)
+
+    def capped_logits(self, x: Tensor) -> Tensor:
+        if self.training and self.fp8_head:
+            logits = fp8_matmul(x, self.lm_head.weight)
+        else:
+            logits = self.lm_head(x)
+        return self.logit_cap * torch.sigmoid(logits.float() / (self.logit_cap / 4))
+
+    def loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        if self.training:
+            return F.cross_entropy(self.capped_logits(x), targets)
+        # Evaluation sequences are long (256K tokens): chunk so fp32 logits never exceed ~3 GiB.
+        total = sum(F.cross_entropy(self.capped_logits(x_chunk), t_chunk, reduction="sum")
+                    for x_chunk, t_chunk in zip(x.split(EVAL_LOGITS_CHUNK), targets.split(EVAL_LOGITS_CHUNK)))
+        return total / targets.numel()
+
+
+EVAL_LOGITS_CHUNK = 16 * 1024
+
+
+def build_model(s: Settings, runtime: Runtime) -> GPT:
+    torch.manual_seed(s.seed)
+    model = GPT(s, runtime.attention_backend).to(runtime.device)
+    if runtime.compute_dtype == torch.bfloat16:
+        for embedding in (model.embed, *model.value_embeds):
+            embedding.bfloat16()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Attention masks
+# A query attends to keys that are (a) not in the future, (b) in the same document (documents start
+# at token 50256), and (c) in its own mask block or the window_blocks - 1 blocks before it. The same
+# mask function serves FlexAttention (with block tables, so it skips empty blocks) and dense SDPA.
+
+END_OF_TEXT = 50256
+
+
+def make_mask_mod(document_ids: Tensor, window_blocks: Tensor, block_size: int):
+    def mask_mod(batch, head, q_idx, kv_idx):
+        causal = q_idx >= kv_idx
+        same_document = document_ids[q_idx] == document_ids[kv_idx]
+        in_window = q_idx // block_size - kv_idx // block_size < window_blocks
+        return causal & same_document & in_window
+
+    return mask_mod
+
+
+def block_tables(document_ids: Tensor, block_size: int, window_blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """For each (query block, key block): does any (query, key) pair pass the mask, do all pairs pass?
+    Exact because document ids never decrease: two blocks share a document iff their id ranges
+    overlap, and then the closest pair across them is in that document."""
+    num_blocks = document_ids.numel() // block_size
+    blocks = document_ids.view(num_blocks, block_size)
+    first_doc, last_doc = blocks[:, 0], blocks[:, -1]
+    block_index = torch.arange(num_blocks, device=document_ids.device)
+    distance = block_index[:, None] - block_index[None, :]  # (q block, kv block)
+    in_window = (distance >= 0) & (distance < window_blocks)
+    share_document = (first_doc[:, None] <= last_doc[None, :]) & (first_doc[None, :] <= last_doc[:, None])
+    single_doc = first_doc == last_doc
+    same_single_doc = single_doc[:, None] & single_doc[None, :] & (first_doc[:, None] == first_doc[None, :])
+    any_allowed = in_window & share_document
+    all_allowed = in_window & (distance > 0) & same_single_doc
+    return any_allowed, all_allowed
+
+
+def dense_to_ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """(Q, K) bool -> per row the count of True columns (Q,) and the column indices, True ones first (Q, K)."""
+    counts = dense.sum(dim=-1, dtype=torch.int32)
+    indices = dense.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts, indices
+
+
+def attention_masks(input_seq: Tensor, window_blocks_by_kind: dict[str, Tensor], block_size: int,
+                    backend: str) -> dict[str, AttentionMask]:
+    document_ids = (input_seq == END_OF_TEXT).cumsum(0)
+    masks = {}
+    for kind, window_blocks in window_blocks_by_kind.items():
+        mask_mod = make_mask_mod(document_ids, window_blocks, block_size)
+        if backend == "flex":
+            any_allowed, all_allowed = block_tables(document_ids, block_size, window_blocks)
+            partial_counts, partial_indices = dense_to_ordered(any_allowed & ~all_allowed)
+            full_counts, full_indices = dense_to_ordered(all_allowed)
+            masks[kind] = BlockMask.from_kv_blocks(
+                partial_counts[None, None], partial_indices[None, None], full_counts[None, None],
+                full_indices[None, None], BLOCK_SIZE=block_size, mask_mod=mask_mod)
+        else:
+            positions = torch.arange(input_seq.numel(), device=input_seq.device)
+            masks[kind] = mask_mod(None, None, positions[:, None], positions[None, :])  # (T, T)
+    return masks
+
+
+def window_blocks_at(step: int, s: Settings) -> int:
+    """Long sliding window in blocks: grows linearly from 1 to max_window_tokens / block_size. With the
+    defaults this is the record's next_multiple_of_128(1728 * progress) / 128."""
+    final_blocks = s.max_window_tokens // s.block_size
+    return max(1, math.ceil(step / s.num_iterations * (final_blocks - 0.5)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Data loading
+# Shard = 256 little-endian int32 header [magic, version, token count, 0...] + uint16 tokens.
+# (data/shards.py has the full reader/writer for the data tools; this copy keeps the trainer standalone.)
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+
+
+def read_shard_header(path: Path) -> int:
+    """Returns the token count after checking magic, version and file size."""
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header; "
+                        "the file is truncated: delete it and fetch it again")
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic number {header[0]} (expected {SHARD_MAGIC}); "
+                        "not a token shard: check --train_files/--val_files")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    num_tokens = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    if size != expected:
+        problem = "truncated" if size < expected else "has trailing bytes"
+        raise DataError(f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has "
+                        f"{size} bytes ({problem}): delete it and fetch it again")
+    return num_tokens
+
+
+def load_shard(path: Path) -> Tensor:
+    num_tokens = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
+    return torch.from_numpy(tokens.astype(np.int32))
+
+
+def find_shards(pattern: str, setting_name: str) -> list[Path]:
+    files = sorted(Path(p) for p in glob.glob(pattern))
+    if not files:
+        raise DataError(f"no files match --{setting_name}={pattern!r}; download FineWeb with "
+                        "`python data/cached_fineweb10B.py 9` or point the setting at your shards")
+    return files
+
+
+def check_train_files(files: list[Path], step_tokens: int) -> int:
+    """Validates every training shard up front; returns the tokens the loader can use in one pass."""
+    usable = 0
+    for path in files:
+        num_tokens = read_shard_header(path)
+        if num_tokens < step_tokens + 1:
+            raise DataError(f"{path}: holds {num_tokens} tokens, fewer than one training step needs "
+                            f"({step_tokens} + 1); use larger shards or a smaller --train_batch_tokens")
+        usable += (num_tokens - 1) // step_tokens * step_tokens
+    return usable
+
+
+def train_batches(files: list[Path], s: Settings, runtime: Runtime):
+    """Yields this rank's (inputs, targets) micro-batches forever, cycling through the files.
+
+    A step takes train_batch_tokens consecutive tokens as sequences j = 0, 1, ... of train_seq_len (+1
+    for the shifted targets); sequence j goes to rank j % W at micro-step j // W. So 1 rank with 8
+    micro-steps and 8 ranks with 1 see the same sequences in the same optimizer step.
+    """
+    seq_len = s.train_seq_len
+    file_index, tokens, position = 0, load_shard(files[0]), 0
+    while True:
+        if position + s.train_batch_tokens + 1 > tokens.numel():
+            file_index = (file_index + 1) % len(files)
+            tokens, position = load_shard(files[file_index]), 0
+        for micro_step in range(runtime.grad_accum_steps):
+            start = position + (micro_step * runtime.world_size + runtime.rank) * seq_len
+            window = tokens[start:start + seq_len + 1].to(runtime.device, non_blocking=True)
+            yield window[:-1], window[1:].long()
+        position += s.train_batch_tokens
+
+
+def load_val_tokens(files: list[Path], s: Settings) -> Tensor:
+    """The first val_tokens + 1 tokens of the concatenated validation files (+1 for the last target)."""
+    needed = s.val_tokens + 1
+    parts, have = [], 0
+    for path in files:
+        if have >= needed:
+            break
+        parts.append(load_shard(path)[:needed - have])
+        have += parts[-1].numel()
+    if have < needed:
+        raise DataError(f"--val_files={s.val_files!r} hold {have} tokens, fewer than --val_tokens={s.val_tokens} "
+                        "+ 1; lower --val_tokens (a multiple of --val_seq_len) or add validation data")
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Training loop and logs
+
+
+def all_reduce_gradients(model: nn.Module, world_size: int):
+    if world_size == 1:
+        return
+    handles = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in model.parameters()]
+    for handle in handles:
+        handle.wait()
+
+
+def train_step(model: nn.Module, optimizers, batches, step: int, s: Settings, runtime: Runtime) -> Tensor:
+    """One optimizer step over grad_accum_steps micro-batches; returns this rank's mean loss (no sync)."""
+    window_blocks = torch.tensor(window_blocks_at(step, s), dtype=torch.int32, device=runtime.device)
+    total_loss = torch.zeros((), device=runtime.device)
+    for _ in range(runtime.grad_accum_steps):
+        inputs, targets = next(batches)
+        loss = model(inputs, targets, window_blocks) / runtime.grad_accum_steps
+        loss.backward()
+        total_loss += loss.detach()
+    all_reduce_gradients(model, runtime.world_size)
+    factor = lr_factor(step, s)
+    muon = optimizers[0]
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(step, s)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return total_loss
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, val_tokens: Tensor, step: int, s: Settings, runtime: Runtime) -> float:
+    """Mean loss over exactly val_tokens tokens: sequence i goes to rank i % W; sums are all-reduced."""
+    model.eval()
+    window_blocks = torch.tensor(window_blocks_at(step, s), dtype=torch.int32, device=runtime.device)
+    num_sequences = s.val_tokens // s.val_seq_len
+    loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
+    for i in range(runtime.rank, num_sequences, runtime.world_size):
+        window = val_tokens[i * s.val_seq_len:(i + 1) * s.val_seq_len + 1].to(runtime.device, non_blocking=True)
+        loss_sum += model(window[:-1], window[1:].long(), window_blocks).double()
+    if runtime.world_size > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+    model.train()
+    return loss_sum.item() / num_sequences
+
+
+def warm_up_kernels(model: nn.Module, optimizers, s: Settings, runtime: Runtime):
+    """Compiles and warms kernels on random tokens, then restores the initial model and optimizer state,
+    so the timed run starts from exactly the same point as an unwarmed one."""
+    if s.warmup_steps == 0:
+        return
+    initial_state = copy.deepcopy(dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers]))
+    generator = torch.Generator().manual_seed(1234 + runtime.rank)
+
+    def random_batches():
+        while True:
+            tokens = torch.randint(0, s.vocab_size, (s.train_seq_len + 1,), generator=generator)
+            tokens = tokens.to(runtime.device, dtype=torch.int32)
+            yield tokens[:-1], tokens[1:].long()
+
+    batches = random_batches()
+    for step in range(s.warmup_steps):
+        train_step(model, optimizers, batches, step, s, runtime)
+    model.load_state_dict(initial_state["model"])
+    for optimizer, state in zip(optimizers, initial_state["optimizers"]):
+        optimizer.load_state_dict(state)
+
+
+class RunLog:
+    """Rank 0's log file in the record format. The header is written atomically; each line is then
+    appended and flushed, and fsynced at validation lines and at the end, so a crash loses nothing
+    the OS has accepted."""
+
+    SEPARATOR = "=" * 100
+
+    def __init__(self, path: Path | None, header: str):
+        self.path, self.file = path, None
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "w") as f:
+            f.write(header)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        self.file = open(path, "a")
+
+    def line(self, text: str, durable: bool = False):
+        if self.path is None:
+            return
+        print(text, flush=True)
+        self.file.write(text + "\n")
+        self.file.flush()
+        if durable:
+            os.fsync(self.file.fileno())
+
+    def close(self):
+        if self.file is not None:
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+
+def environment_report(s: Settings, runtime: Runtime) -> str:
+    if runtime.device.type == "cuda":
+        device = f"{runtime.world_size} x {torch.cuda.get_device_name(runtime.device)}"
+    else:
+        device = f"{runtime.world_size} x cpu"
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip()
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        smi = "nvidia-smi: not available"
+    return "\n".join([
+        f"Running Python {sys.version}",
+        f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}",
+        f"Device: {device}",
+        f"Settings: {json.dumps(dataclasses.asdict(s))}",
+        smi or "nvidia-smi: not available",
+    ])
+
+
+def peak_memory_line(runtime: Runtime) -> str:
+    if runtime.device.type == "cuda":
+        allocated = torch.cuda.max_memory_allocated(runtime.device) // 2**20
+        reserved = torch.cuda.max_memory_reserved(runtime.device) // 2**20
+    else:  # CPU: the process's peak resident set size stands for both
+        allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB"
+
+
+def save_checkpoint_atomically(model: nn.Module, s: Settings, step: int, path: Path):
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(dict(step=step, settings=dataclasses.asdict(s), model=model.state_dict()), temporary)
+    os.replace(temporary, path)
+
+
+def train(s: Settings, runtime: Runtime):
+    train_files = find_shards(s.train_files, "train_files")
+    val_files = find_shards(s.val_files, "val_files")
+    usable_train_tokens = check_train_files(train_files, s.train_batch_tokens)
+    val_tokens = load_val_tokens(val_files, s)
+
+    raw_model = build_model(s, runtime)
+    model = torch.compile(raw_model, dynamic=False) if s.compile else raw_model
+    optimizers = build_optimizers(raw_model, s, runtime)
+
+    run_id = s.run_id or str(uuid.uuid4())
+    log_path = Path(s.log_dir) / f"{run_id}.txt"
+    header = "\n".join([Path(__file__).read_text().rstrip("\n"), RunLog.SEPARATOR,
+                        environment_report(s, runtime), RunLog.SEPARATOR, ""])
+    log = RunLog(log_path if runtime.is_main else None, header)
+    if runtime.is_main:
+        print(f"logging to {log_path}; {runtime.world_size} rank(s) x {runtime.grad_accum_steps} micro-step(s) "
+              f"of {s.train_seq_len} tokens on {runtime.device.type}", flush=True)
+        needed = s.num_iterations * s.train_batch_tokens
+        if needed > usable_train_tokens:
+            print(f"note: the run needs {needed} training tokens but the files hold {usable_train_tokens}: "
+                  "the data will be repeated", flush=True)
+
+    warm_up_kernels(model, optimizers, s, runtime)
+    batches = train_batches(train_files, s, runtime)
+    training_time_ms = 0.0
+    runtime.synchronize()
+    started = time.perf_counter()
+    for step in range(s.num_iterations + 1):
+        last_step = step == s.num_iterations
+        if last_step or (s.val_every and step % s.val_every == 0):
+            runtime.synchronize()
+            training_time_ms += 1000 * (time.perf_counter() - started)  # the clock stops for validation
+            val_loss = validation_loss(model, val_tokens, step, s, runtime)
+            log.line(f"step:{step}/{s.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
+                     f"step_avg:{training_time_ms / max(step, 1):.2f}ms", durable=True)
+            runtime.synchronize()
+            started = time.perf_counter()
+        if last_step:
+            break
+        train_step(model, optimizers, batches, step, s, runtime)
+        elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - started)
+        log.line(f"step:{step + 1}/{s.num_iterations} train_time:{elapsed_ms:.0f}ms "
+                 f"step_avg:{elapsed_ms / (step + 1):.2f}ms")
+    log.line(peak_memory_line(runtime), durable=True)
+    log.close()
+    if s.save_checkpoint and runtime.is_main:
+        save_checkpoint_atomically(raw_model, s, s.num_iterations, Path(s.log_dir) / f"{run_id}_final.pt")
+
+
+def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(settings_help())
+        return 0
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        settings = parse_settings(argv)
+        runtime = resolve_runtime(settings, rank, int(os.environ.get("WORLD_SIZE", 1)),
+                                  int(os.environ.get("LOCAL_RANK", 0)))
+        init_distributed(runtime)
+        try:
+            train(settings, runtime)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    except (SettingsError, DataError) as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
