@@ -674,6 +674,13 @@ def attention_masks(input_seq: Tensor, window_blocks_by_kind: dict[str, Tensor],
     return masks
 
 
+def window_blocks_tensor(step: int, s: Settings, device: torch.device) -> Tensor:
+    """window_blocks_at as a 0-d device tensor: a tensor, so the compiled graph is reused as the
+    window grows; copied from pinned memory so the host does not wait for the GPU."""
+    blocks = torch.tensor(window_blocks_at(step, s), dtype=torch.int32, pin_memory=device.type == "cuda")
+    return blocks.to(device, non_blocking=True)
+
+
 def window_blocks_at(step: int, s: Settings) -> int:
     """Long sliding window in blocks: grows linearly from 1 to max_window_tokens / block_size. With the
     defaults this is the record's next_multiple_of_128(1728 * progress) / 128."""
@@ -744,11 +751,16 @@ def train_batches(files: list[Path], s: Settings, runtime: Runtime):
     micro-steps and 8 ranks with 1 see the same sequences in the same optimizer step.
     """
     seq_len = s.train_seq_len
-    file_index, tokens, position = 0, load_shard(files[0]), 0
+
+    def load(path: Path) -> Tensor:  # pinned on CUDA, so copies to the GPU do not stall the host
+        tokens = load_shard(path)
+        return tokens.pin_memory() if runtime.device.type == "cuda" else tokens
+
+    file_index, tokens, position = 0, load(files[0]), 0
     while True:
         if position + s.train_batch_tokens + 1 > tokens.numel():
             file_index = (file_index + 1) % len(files)
-            tokens, position = load_shard(files[file_index]), 0
+            tokens, position = load(files[file_index]), 0
         for micro_step in range(runtime.grad_accum_steps):
             start = position + (micro_step * runtime.world_size + runtime.rank) * seq_len
             window = tokens[start:start + seq_len + 1].to(runtime.device, non_blocking=True)
@@ -785,7 +797,7 @@ def all_reduce_gradients(model: nn.Module, world_size: int):
 
 def train_step(model: nn.Module, optimizers, batches, step: int, s: Settings, runtime: Runtime) -> Tensor:
     """One optimizer step over grad_accum_steps micro-batches; returns this rank's mean loss (no sync)."""
-    window_blocks = torch.tensor(window_blocks_at(step, s), dtype=torch.int32, device=runtime.device)
+    window_blocks = window_blocks_tensor(step, s, runtime.device)
     total_loss = torch.zeros((), device=runtime.device)
     for _ in range(runtime.grad_accum_steps):
         inputs, targets = next(batches)
@@ -809,7 +821,7 @@ def train_step(model: nn.Module, optimizers, batches, step: int, s: Settings, ru
 def validation_loss(model: nn.Module, val_tokens: Tensor, step: int, s: Settings, runtime: Runtime) -> float:
     """Mean loss over exactly val_tokens tokens: sequence i goes to rank i % W; sums are all-reduced."""
     model.eval()
-    window_blocks = torch.tensor(window_blocks_at(step, s), dtype=torch.int32, device=runtime.device)
+    window_blocks = window_blocks_tensor(step, s, runtime.device)
     num_sequences = s.val_tokens // s.val_seq_len
     loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
     for i in range(runtime.rank, num_sequences, runtime.world_size):
