@@ -924,6 +924,8 @@ def save_checkpoint_atomically(model: nn.Module, s: Settings, step: int, path: P
 
 
 def train(s: Settings, runtime: Runtime):
+    if runtime.grad_accum_steps * runtime.world_size * s.train_seq_len != s.train_batch_tokens:
+        raise ValueError("runtime was resolved for other settings: call resolve_runtime with these settings")
     train_files = find_shards(s.train_files, "train_files")
     val_files = find_shards(s.val_files, "val_files")
     usable_train_tokens = check_train_files(train_files, s.train_batch_tokens)

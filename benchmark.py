@@ -1,0 +1,708 @@
+"""Speed and learning benchmark for train_gpt.py on one device.
+
+    python benchmark.py --out DIR          # CUDA GPU: the record shape (48K-token micro-batch, bf16, compiled)
+    python benchmark.py --cpu-tiny --out DIR   # CPU: the tiny preset, fp32, eager (also automatic without CUDA)
+
+Measures, in one run, and prints one Markdown report that is also written to DIR/benchmark.md, with the
+same figures in DIR/benchmark.json:
+  1. the record-shape micro-batch (forward + backward), the Muon and Adam steps, and from them a predicted
+     8-GPU step time and run total (communication is not measured);
+  2. the device's ceilings (a large matmul, a device copy), the model's FLOPs per token counted from the
+     shapes, and the MFU against the measured matmul ceiling;
+  3. a breakdown of one micro-step into components timed in isolation, against the whole measured step;
+  4. a learning proxy: a short run of the default recipe on enwiki with fixed settings (constants below).
+Every figure is tagged with the device, torch version, git commit and command line.
+
+Sections, top to bottom:
+  1. Fixed settings        4. Ceilings            7. Component breakdown
+  2. Metadata              5. FLOP count          8. Learning proxy
+  3. Timing helpers        6. Record-shape step   9. Report (JSON, Markdown) and main
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+import train_gpt as T  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Fixed settings (keep them fixed so results compare across commits)
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "enwiki"
+PREDICTED_WORLD_SIZE = 8  # the record's GPU count
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    trainer_args: tuple[str, ...]  # train_gpt settings of the benchmarked recipe
+    proxy_args: tuple[str, ...]  # learning proxy: overrides on top of trainer_args
+    matmul_size: int  # ceiling: an n x n x n matmul in the compute dtype
+    copy_bytes: int  # ceiling: a device-to-device copy of this many bytes
+    warmup: int  # untimed calls before each timing
+    reps: int  # timed repetitions; the median is reported
+    matmul_inner: int  # matmuls per timed repetition
+
+
+CUDA_MODE = Mode(
+    name="record shape on CUDA: 48K-token packed micro-batch, bf16, compiled, FlexAttention, FP8 head",
+    trainer_args=("--device=cuda", "--compile=true"),
+    # ~15.7M training tokens of the 16M in enwiki_train_000001.bin, each used once: 160 steps x 2 x 48K.
+    proxy_args=(f"--train_batch_tokens={2 * 48 * 1024}", "--num_iterations=160", f"--val_tokens={4 * 262144}",
+                "--val_every=40"),
+    matmul_size=8192, copy_bytes=2**30, warmup=3, reps=10, matmul_inner=20,
+)
+CPU_MODE = Mode(
+    name="tiny preset on CPU: 512-token micro-batch, fp32, dense-mask SDPA attention, no FP8 head",
+    trainer_args=("--preset=tiny", "--device=cpu"),
+    # 20 steps of one 512-token micro-batch (~0.7 s each on the 2-core CI machine); eager, so no warmup steps are needed.
+    proxy_args=("--train_batch_tokens=512", "--num_iterations=20", "--val_tokens=4096", "--val_every=10",
+                "--warmup_steps=0"),
+    matmul_size=1024, copy_bytes=2**26, warmup=1, reps=3, matmul_inner=2,
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Metadata
+
+
+def git_commit() -> tuple[str, bool | None]:
+    """(short commit or "unknown", whether tracked files differ from it or None if unknown)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode != 0 or not commit.stdout.strip():
+            return "unknown", None
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO, capture_output=True, timeout=10)
+        return commit.stdout.strip(), diff.returncode != 0
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown", None
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def metadata(runtime: T.Runtime, command: str, commit_override: str, mode: Mode, s: T.Settings) -> dict:
+    commit, dirty = git_commit()
+    if commit_override:
+        commit, dirty = commit_override, None
+    return dict(
+        device=device_name(runtime.device), device_type=runtime.device.type,
+        torch_version=torch.__version__, cuda_version=torch.version.cuda,
+        python_version=sys.version.split()[0], git_commit=commit, git_dirty=dirty, command=command,
+        mode=mode.name, compile=s.compile, attention_backend=runtime.attention_backend,
+        compute_dtype=str(runtime.compute_dtype).removeprefix("torch."), fp8_head=s.fp8_head,
+        cpu_threads=torch.get_num_threads(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Timing helpers
+# CUDA: CUDA events around the calls (the GPU timeline, which includes any launch gaps). CPU, and
+# host-side work such as data loading: wall time between two synchronisations. The median of the
+# repetitions is reported.
+
+
+def measure_ms(fn, runtime: T.Runtime, warmup: int, reps: int, inner: int = 1, wall: bool = False) -> float:
+    for _ in range(warmup):
+        fn()
+    runtime.synchronize()
+    use_events = runtime.device.type == "cuda" and not wall
+    samples = []
+    for _ in range(reps):
+        if use_events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / inner)
+        else:
+            started = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            runtime.synchronize()
+            samples.append(1000 * (time.perf_counter() - started) / inner)
+    return statistics.median(samples)
+
+
+def first_call_s(fn, runtime: T.Runtime) -> float:
+    """Wall time of one call, synchronised: with torch.compile this is mostly compile time."""
+    runtime.synchronize()
+    started = time.perf_counter()
+    fn()
+    runtime.synchronize()
+    return time.perf_counter() - started
+
+
+def maybe_compile(fn, s: T.Settings):
+    return torch.compile(fn, dynamic=False) if s.compile else fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Ceilings
+
+
+def measure_ceilings(mode: Mode, runtime: T.Runtime) -> dict:
+    n, dtype, device = mode.matmul_size, runtime.compute_dtype, runtime.device
+    torch.manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    matmul_ms = measure_ms(lambda: torch.mm(a, b, out=c), runtime, mode.warmup, mode.reps, mode.matmul_inner)
+    del a, b, c
+    source = torch.ones(mode.copy_bytes // 4, device=device, dtype=torch.float32)
+    target = torch.empty_like(source)
+    copy_ms = measure_ms(lambda: target.copy_(source), runtime, mode.warmup, mode.reps, inner=5)
+    del source, target
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(
+        matmul=dict(size=n, dtype=str(dtype).removeprefix("torch."), ms=matmul_ms,
+                    tflops=2 * n**3 / (matmul_ms / 1e3) / 1e12),
+        copy=dict(bytes=mode.copy_bytes, mib=mode.copy_bytes // 2**20, ms=copy_ms,
+                  gb_per_s=2 * mode.copy_bytes / (copy_ms / 1e3) / 1e9),  # read + write
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. FLOP count
+# Training FLOPs per token = 6 x (matmul parameters in the blocks + LM head at the padded vocabulary)
+# + 3 x forward attention FLOPs (QK^T and AV: 2 x 2 x heads x head_dim per attended key). The attended
+# keys are averaged over the positions of one micro-batch for the final window under the causal,
+# block-granular window mask; document boundaries are data-dependent and not subtracted.
+
+
+def average_attended_keys(seq_len: int, block_size: int, window_blocks: int) -> float:
+    """Mean over queries of the keys with key <= query and query_block - key_block < window_blocks."""
+    total = 0
+    for block in range(seq_len // block_size):
+        earlier_keys = min(block, window_blocks - 1) * block_size  # whole earlier blocks in the window
+        total += block_size * earlier_keys + block_size * (block_size + 1) // 2  # + causal part of own block
+    return total / seq_len
+
+
+def flops_per_token(s: T.Settings) -> dict:
+    inner = s.num_heads * s.head_dim
+    hidden = s.mlp_ratio * s.model_dim
+    kinds = [kind for kind in s.attention_layout if kind != "-"]
+    attention_params = len(kinds) * (3 * inner * s.model_dim + inner * s.model_dim)  # QKV + out-proj
+    mlp_params = s.num_layers * 2 * s.model_dim * hidden
+    head_params = s.model_dim * T.padded_vocab_size(s.vocab_size)
+    long_blocks = T.window_blocks_at(s.num_iterations, s)  # the final window
+    windows = {"L": long_blocks, "S": max(1, long_blocks // 2)}  # as GPT.attention_masks
+    keys = {kind: average_attended_keys(s.train_seq_len, s.block_size, w) for kind, w in windows.items()}
+    attention_forward = sum(2 * 2 * inner * keys[kind] for kind in kinds)
+    matmul_params = attention_params + mlp_params + head_params
+    return dict(
+        matmul_params_blocks=attention_params + mlp_params, matmul_params_head=head_params,
+        matmul_params=matmul_params, window_blocks_long=windows["L"], window_blocks_short=windows["S"],
+        attended_keys_long=keys["L"], attended_keys_short=keys["S"],
+        attention_layers_long=kinds.count("L"), attention_layers_short=kinds.count("S"),
+        matmul_flops_per_token=6 * matmul_params, attention_flops_per_token=3 * attention_forward,
+        flops_per_token=6 * matmul_params + 3 * attention_forward,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Record-shape step
+# One rank's micro-batch at the final window, timed as forward + backward of the compiled model, and as a
+# whole train_gpt.train_step (data, forward, backward, Muon, Adam) with one micro-batch per step. The
+# optimizers are timed on random gradients: Muon for the whole model, and the share that rank 0 of
+# PREDICTED_WORLD_SIZE orthogonalises (Muon assigns matrices r, r+W, ... of each shape group to rank r;
+# rank 0 owns the most). Adam is not sharded in train_gpt: every rank runs all of it.
+
+
+def step_settings(mode: Mode, train_files: str, val_files: str) -> tuple[T.Settings, T.Settings]:
+    """(the recipe, the recipe with one micro-batch per optimizer step on this one device)."""
+    recipe = T.parse_settings([*mode.trainer_args, f"--train_files={train_files}", f"--val_files={val_files}"])
+    single = dataclasses.replace(recipe, train_batch_tokens=recipe.train_seq_len)
+    T.check_settings(single)
+    return recipe, single
+
+
+def muon_rank_share_step(muon: T.Muon, rank: int, world_size: int):
+    """What rank `rank` of `world_size` computes in Muon.step, without a process group: momentum and
+    Newton-Schulz for its own matrices, then applying every matrix's update (its own result stands in
+    for the ones an all-gather would deliver; the cost is the same)."""
+    with torch.no_grad():
+        for group in muon.param_groups:
+            params = group["params"]
+            for base in range(0, len(params), world_size):
+                chunk = params[base:base + world_size]
+                if rank < len(chunk):
+                    update = muon._orthogonal_update(chunk[rank], group["momentum"])
+                else:
+                    update = torch.zeros_like(params[-1], dtype=muon.ns_dtype)
+                for param in chunk:
+                    param.add_(update.to(param.dtype), alpha=-group["lr"])
+
+
+def muon_rank_share_count(muon: T.Muon, rank: int, world_size: int) -> tuple[int, int]:
+    """(Muon parameters rank `rank` orthogonalises, all Muon parameters)."""
+    owned = sum(len(group["params"][rank::world_size]) for group in muon.param_groups)
+    return owned, sum(len(group["params"]) for group in muon.param_groups)
+
+
+def fill_random_grads(model: torch.nn.Module):
+    torch.manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p).mul_(1e-3)
+
+
+def peak_memory_mib(runtime: T.Runtime) -> float:
+    if runtime.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(runtime.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: peak resident set (KiB on Linux)
+
+
+class StepBench:
+    """The model and optimizers of the record-shape measurements, shared with the breakdown."""
+
+    def __init__(self, mode: Mode, recipe: T.Settings, single: T.Settings, runtime: T.Runtime):
+        self.mode, self.recipe, self.s, self.runtime = mode, recipe, single, runtime
+        self.model = T.build_model(single, runtime)
+        self.compiled = maybe_compile(self.model, single)
+        self.muon, self.adam = T.build_optimizers(self.model, single, runtime)
+        self.files = T.find_shards(single.train_files, "train_files")
+        self.batches = T.train_batches(self.files, single, runtime)
+        self.inputs, self.targets = next(self.batches)
+        self.final_step = single.num_iterations  # window_blocks_at(num_iterations) is the final window
+        self.window = torch.tensor(T.window_blocks_at(self.final_step, single), dtype=torch.int32,
+                                   device=runtime.device)
+
+    def timed(self, fn, wall: bool = False) -> float:
+        return measure_ms(fn, self.runtime, self.mode.warmup, self.mode.reps, wall=wall)
+
+    def forward_backward(self):
+        loss = self.compiled(self.inputs, self.targets, self.window)
+        loss.backward()
+        self.model.zero_grad(set_to_none=True)
+
+    def train_step(self):
+        T.train_step(self.compiled, (self.muon, self.adam), self.batches, self.final_step, self.s, self.runtime)
+
+    def run(self) -> dict:
+        runtime, tokens = self.runtime, self.s.train_seq_len
+        if runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(runtime.device)
+        compile_s = first_call_s(self.forward_backward, runtime)
+        fwd_bwd_ms = self.timed(self.forward_backward)
+        peak_mib = peak_memory_mib(runtime)
+        train_step_ms = self.timed(self.train_step)
+
+        data_batches = T.train_batches(self.files, self.s, runtime)
+        shard_load_s = first_call_s(lambda: next(data_batches), runtime)  # the first call loads the shard
+        data_ms = self.timed(lambda: next(data_batches), wall=True)
+        del data_batches
+
+        fill_random_grads(self.model)
+        muon_ms = self.timed(self.muon.step)
+        adam_ms = self.timed(self.adam.step)
+        world = math.gcd(PREDICTED_WORLD_SIZE, self.recipe.train_batch_tokens // self.recipe.train_seq_len)
+        muon_share_ms = self.timed(lambda: muon_rank_share_step(self.muon, 0, world))
+        owned, total = muon_rank_share_count(self.muon, 0, world)
+        self.model.zero_grad(set_to_none=True)
+        return dict(
+            tokens_per_micro_batch=tokens, window_blocks=int(self.window), compile_and_first_step_s=compile_s,
+            fwd_bwd_ms=fwd_bwd_ms, fwd_bwd_tokens_per_s=tokens / (fwd_bwd_ms / 1e3), peak_memory_mib=peak_mib,
+            train_step_ms=train_step_ms, data_ms=data_ms, shard_load_s=shard_load_s,
+            muon_ms=muon_ms, adam_ms=adam_ms, muon_rank_share_ms=muon_share_ms,
+            muon_rank_share_params=owned, muon_params=total, predicted_world_size=world,
+            micro_batches_per_rank=self.recipe.train_batch_tokens // self.recipe.train_seq_len // world,
+            num_iterations=self.recipe.num_iterations,
+        )
+
+
+def derive_figures(results: dict):
+    """MFU and the multi-GPU prediction from the measured figures (whatever of them exist)."""
+    step, flops, ceilings = results.get("step"), results.get("flops"), results.get("ceilings")
+    if not step:
+        return
+    per_rank_ms = step["micro_batches_per_rank"] * (step["data_ms"] + step["fwd_bwd_ms"])
+    step["predicted_step_ms"] = per_rank_ms + step["muon_rank_share_ms"] + step["adam_ms"]
+    step["predicted_total_s"] = step["predicted_step_ms"] * step["num_iterations"] / 1e3
+    if flops:
+        step["achieved_tflops"] = flops["flops_per_token"] * step["fwd_bwd_tokens_per_s"] / 1e12
+        rank_tokens = step["micro_batches_per_rank"] * step["tokens_per_micro_batch"]
+        step["predicted_tflops_per_device"] = flops["flops_per_token"] * rank_tokens / step["predicted_step_ms"] / 1e9
+        if ceilings:
+            step["mfu_percent"] = 100 * step["achieved_tflops"] / ceilings["matmul"]["tflops"]
+            step["predicted_mfu_percent"] = 100 * step["predicted_tflops_per_device"] / ceilings["matmul"]["tflops"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Component breakdown
+# Pieces of the model timed in isolation on inputs of the micro-batch's shape (forward + backward, gradients
+# for inputs and weights), each compiled on its own when the model is, times the number of times one
+# micro-step runs it; compared with the whole measured train_step. "other" is the remainder (embeddings,
+# norms, residual mixing, U-net skips, launch gaps, overlap): it can be negative when isolated timings
+# overstate their share.
+
+
+def mask_tensors(masks: dict) -> list[torch.Tensor]:
+    tensors = []
+    for mask in masks.values():
+        if isinstance(mask, T.BlockMask):
+            tensors += [mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices]
+        else:
+            tensors.append(mask)
+    return tensors
+
+
+def component_breakdown(bench: StepBench, step: dict) -> dict:
+    model, s, runtime = bench.model, bench.s, bench.runtime
+    dtype, dim, tokens = runtime.compute_dtype, s.model_dim, s.train_seq_len
+    device = runtime.device
+    torch.manual_seed(2)
+    x = torch.randn(1, tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(1, tokens, dim, device=device, dtype=dtype)
+    components, errors = [], {}
+
+    def add(name: str, count: int, how: str, make_fn):
+        try:
+            fn = make_fn()
+            first_s = first_call_s(fn, runtime)
+            ms = bench.timed(fn)
+            components.append(dict(name=name, count=count, ms_each=ms, ms=ms * count, how=how, first_call_s=first_s))
+        except Exception as error:  # keep the other components; the report lists the failure
+            errors[name] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+
+    components.append(dict(name="data loading", count=1, ms_each=step["data_ms"], ms=step["data_ms"],
+                           how="train_batches next(), wall time", first_call_s=step["shard_load_s"]))
+
+    def masks_fn():
+        build = maybe_compile(lambda inputs, window: mask_tensors(model.attention_masks(inputs, window)), s)
+
+        def run():
+            with torch.no_grad():
+                build(bench.inputs, bench.window)
+        return run
+    add("attention masks", 1, "GPT.attention_masks (long + short)", masks_fn)
+
+    attention_module = next(block.attn for block in model.blocks if block.attn is not None)
+    masks = model.attention_masks(bench.inputs, bench.window)
+    value_embed = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    for kind, label in (("L", "long"), ("S", "short")):
+        count = s.attention_layout.count(kind)
+        if count == 0:
+            continue
+
+        def attention_fn(kind=kind):
+            attention = maybe_compile(attention_module, s)
+            params = list(attention_module.parameters())
+
+            def run():
+                y = attention(x, value_embed, masks[kind])
+                torch.autograd.grad(y, [x, value_embed, *params], grad_out)
+            return run
+        window = step["window_blocks"] if kind == "L" else max(1, step["window_blocks"] // 2)
+        add(f"attention, {label} window ({window} blocks)", count,
+            "one CausalSelfAttention (with value embedding) fwd+bwd", attention_fn)
+
+    def mlp_fn():
+        mlp_module = model.blocks[0].mlp
+        mlp = maybe_compile(mlp_module, s)
+        params = list(mlp_module.parameters())
+
+        def run():
+            torch.autograd.grad(mlp(x), [x, *params], grad_out)
+        return run
+    add("MLP", s.num_layers, "one MLP fwd+bwd", mlp_fn)
+
+    def head_fn():
+        head_loss = maybe_compile(lambda h, targets: model.loss(h, targets), s)
+        h = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+
+        def run():
+            torch.autograd.grad(head_loss(h, bench.targets), [h, model.lm_head.weight])
+        return run
+    add("LM head + softcap + cross-entropy", 1, "GPT.loss fwd+bwd" + (" (FP8 head)" if s.fp8_head else ""), head_fn)
+
+    components.append(dict(name="optimizer: Muon", count=1, ms_each=step["muon_ms"], ms=step["muon_ms"],
+                           how="Muon.step, whole model, this device", first_call_s=None))
+    components.append(dict(name="optimizer: Adam", count=1, ms_each=step["adam_ms"], ms=step["adam_ms"],
+                           how="Adam.step, whole model", first_call_s=None))
+    whole = step["train_step_ms"]
+    named = sum(c["ms"] for c in components)
+    for c in components:
+        c["percent"] = 100 * c["ms"] / whole
+    return dict(whole_step_ms=whole, named_ms=named, other_ms=whole - named,
+                other_percent=100 * (whole - named) / whole, components=components, errors=errors)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Learning proxy: train_gpt.train() itself with the fixed settings, its log parsed for the val losses.
+
+VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d+) train_time:(\d+)ms", re.MULTILINE)
+
+
+def proxy_settings(mode: Mode, train_files: str, val_files: str, log_dir: Path) -> T.Settings:
+    return T.parse_settings([*mode.trainer_args, *mode.proxy_args, f"--train_files={train_files}",
+                             f"--val_files={val_files}", f"--log_dir={log_dir}", "--run_id=learning_proxy"])
+
+
+def learning_proxy(s: T.Settings) -> dict:
+    runtime = T.resolve_runtime(s, 0, 1, 0)  # its own: the proxy has more micro-batches per step
+    started = time.perf_counter()
+    trainer_output = io.StringIO()
+    with contextlib.redirect_stdout(trainer_output):  # train() prints every step line
+        T.train(s, runtime)
+    wall_s = time.perf_counter() - started
+    log_path = Path(s.log_dir) / f"{s.run_id}.txt"
+    points = [dict(step=int(m[1]), tokens=int(m[1]) * s.train_batch_tokens, train_time_s=int(m[4]) / 1e3,
+                   val_loss=float(m[3])) for m in VAL_LINE.finditer(log_path.read_text())]
+    if not points or points[-1]["step"] != s.num_iterations:
+        raise RuntimeError(f"{log_path}: no final validation line; trainer output:\n"
+                           f"{trainer_output.getvalue()[-2000:]}")
+    final = points[-1]
+    micro_steps = re.search(r"(\d+) micro-step", trainer_output.getvalue())
+    return dict(
+        settings={name: getattr(s, name) for name in PROXY_SETTING_NAMES}, points=points,
+        micro_batches_per_step=int(micro_steps[1]) if micro_steps else None,
+        initial_val_loss=points[0]["val_loss"], final_val_loss=final["val_loss"], tokens=final["tokens"],
+        train_time_s=final["train_time_s"], tokens_per_s=final["tokens"] / max(final["train_time_s"], 1e-9),
+        wall_s=wall_s, log_file=str(log_path),
+    )
+
+
+PROXY_SETTING_NAMES = ("train_batch_tokens", "train_seq_len", "num_iterations", "val_tokens", "val_seq_len",
+                       "val_every", "warmup_steps", "compile", "train_files", "val_files")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Report (JSON, Markdown) and main
+
+# (JSON path, label, unit) of the figures table; labels may use {step[...]} / {flops[...]} / ... fields.
+FIGURES = [
+    ("ceilings.matmul.tflops", "matmul ceiling, {ceilings[matmul][size]}^3 {ceilings[matmul][dtype]}", "TFLOP/s"),
+    ("ceilings.copy.gb_per_s", "device copy ceiling, {ceilings[copy][mib]} MiB copied (read + write counted)", "GB/s"),
+    ("flops.matmul_params", "matmul parameters (blocks + head at padded vocab)", "params"),
+    ("flops.attended_keys_long", "mean attended keys, long window ({flops[window_blocks_long]} blocks)", "keys"),
+    ("flops.attended_keys_short", "mean attended keys, short window ({flops[window_blocks_short]} blocks)", "keys"),
+    ("flops.attention_flops_per_token", "attention FLOPs per token (fwd+bwd)", "FLOP"),
+    ("flops.flops_per_token", "model FLOPs per token (fwd+bwd)", "FLOP"),
+    ("step.fwd_bwd_ms", "micro-batch fwd+bwd ({step[tokens_per_micro_batch]} tokens, final window)", "ms"),
+    ("step.fwd_bwd_tokens_per_s", "micro-batch throughput", "tokens/s"),
+    ("step.achieved_tflops", "achieved model FLOP/s, fwd+bwd", "TFLOP/s"),
+    ("step.mfu_percent", "MFU, fwd+bwd vs the measured matmul ceiling", "%"),
+    ("step.compile_and_first_step_s", "compile + first fwd+bwd", "s"),
+    ("step.peak_memory_mib", "peak memory after fwd+bwd (CUDA: allocated; CPU: process RSS)", "MiB"),
+    ("step.train_step_ms", "whole train_step, 1 micro-batch, 1 device", "ms"),
+    ("step.muon_ms", "Muon step, whole model, 1 device", "ms"),
+    ("step.muon_rank_share_ms", "Muon step, rank 0 of {step[predicted_world_size]} share "
+     "({step[muon_rank_share_params]} of {step[muon_params]} params)", "ms"),
+    ("step.adam_ms", "Adam step (whole on every rank)", "ms"),
+    ("step.data_ms", "data loading, one micro-batch", "ms"),
+    ("step.predicted_step_ms", "predicted step on {step[predicted_world_size]} x this device "
+     "({step[micro_batches_per_rank]} micro-batch/rank + optimizer share), communication unmeasured", "ms"),
+    ("step.predicted_total_s", "predicted training time, {step[num_iterations]} steps", "s"),
+    ("step.predicted_mfu_percent", "predicted MFU per device", "%"),
+    ("learning_proxy.initial_val_loss", "learning proxy: val loss at step 0", "nats"),
+    ("learning_proxy.final_val_loss", "learning proxy: final val loss ({learning_proxy[tokens]} tokens)", "nats"),
+    ("learning_proxy.train_time_s", "learning proxy: training time (validation excluded)", "s"),
+    ("learning_proxy.wall_s", "learning proxy: wall time (compile, warmup, validation included)", "s"),
+]
+
+
+def lookup(results: dict, path: str):
+    value = results
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+        return f"{value:.4e}"
+    return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
+
+
+def figure_rows(results: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for path, label, unit in FIGURES:
+        value = lookup(results, path)
+        try:
+            text = label.format(**results)
+        except (KeyError, IndexError, TypeError):  # a section failed: leave its fields out of the label
+            text = re.sub(r"\{[^}]*\}", "?", label)
+        rows.append((path, text, fmt(value), unit))
+    return rows
+
+
+def render_markdown(results: dict) -> str:
+    meta = results["meta"]
+    tag = f"{meta['device']}, torch {meta['torch_version']}, commit {meta['git_commit']}"
+    lines = [
+        "# GPT-2 speedrun benchmark", "",
+        f"- device: **{meta['device']}** ({meta['device_type']}), torch {meta['torch_version']}"
+        f" (CUDA {meta['cuda_version']}), python {meta['python_version']}, torch threads {meta['cpu_threads']}",
+        f"- commit: {meta['git_commit']}" + (" (tracked files modified)" if meta["git_dirty"] else ""),
+        f"- command: `{meta['command']}`",
+        f"- mode: {meta['mode']}; compile {meta['compile']}, attention {meta['attention_backend']}, "
+        f"{meta['compute_dtype']}, FP8 head {meta['fp8_head']}; started {meta['started']}",
+        *(f"- note: {note}" for note in results["notes"]), "",
+        f"## Figures ({tag})", "",
+        "| figure | value | unit | key |", "|---|---:|---|---|",
+    ]
+    lines += [f"| {label} | {value} | {unit} | {path} |" for path, label, value, unit in figure_rows(results)]
+    breakdown = results.get("breakdown")
+    if breakdown:
+        lines += ["", f"## Breakdown of one micro-step ({tag})", "",
+                  "| component | count | ms | % of step | how |", "|---|---:|---:|---:|---|"]
+        for c in breakdown["components"]:
+            lines.append(f"| {c['name']} | {c['count']} | {fmt(c['ms'])} | {fmt(c['percent'])} | {c['how']} |")
+        lines.append(f"| other (remainder) | 1 | {fmt(breakdown['other_ms'])} | {fmt(breakdown['other_percent'])} "
+                     "| whole step - named components |")
+        lines.append(f"| whole step | 1 | {fmt(breakdown['whole_step_ms'])} | 100 | train_gpt.train_step |")
+    proxy = results.get("learning_proxy")
+    if proxy:
+        settings = ", ".join(f"{k}={v}" for k, v in proxy["settings"].items())
+        lines += ["", f"## Learning proxy ({tag})", "", f"Fixed settings: {settings}", "",
+                  "| step | tokens | train time (s) | val loss |", "|---:|---:|---:|---:|"]
+        lines += [f"| {p['step']} | {p['tokens']} | {fmt(p['train_time_s'])} | {fmt(p['val_loss'])} |"
+                  for p in proxy["points"]]
+    if results["errors"]:
+        lines += ["", "## Errors", ""] + [f"- {name}: {error}" for name, error in results["errors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    text = render_markdown(results)
+    for name, content in (("benchmark.json", json.dumps(results, indent=2) + "\n"), ("benchmark.md", text)):
+        temporary = out / (name + ".tmp")
+        temporary.write_text(content)
+        temporary.replace(out / name)
+    return text
+
+
+def progress(message: str):
+    print(f"[benchmark] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "logs" / "benchmark"),
+                        help="folder for benchmark.json, benchmark.md and the learning proxy's log")
+    parser.add_argument("--cpu-tiny", action="store_true",
+                        help="CPU with the tiny preset (the default when no CUDA GPU is visible)")
+    parser.add_argument("--cpu-compile", action="store_true",
+                        help="torch.compile in the CPU mode too (off by default: compile time would dominate)")
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="torch threads in the CPU mode (default 1: steadier when other processes load the CPUs)")
+    parser.add_argument("--train-files", default=str(DEFAULT_DATA / "enwiki_train_000001.bin"),
+                        help="glob of training shards (default: ../shared/data/enwiki/enwiki_train_000001.bin)")
+    parser.add_argument("--val-files", default=str(DEFAULT_DATA / "enwiki_val_000000.bin"),
+                        help="glob of validation shards (default: ../shared/data/enwiki/enwiki_val_000000.bin)")
+    parser.add_argument("--commit", default="",
+                        help="git commit to record when the tree has no .git (e.g. a copied working tree)")
+    parser.add_argument("--skip-proxy", action="store_true", help="leave out the learning proxy")
+    return parser.parse_args(argv)
+
+
+def run_section(results: dict, name: str, fn):
+    progress(f"{name} ...")
+    started = time.perf_counter()
+    try:
+        value = fn()
+        if value is not None:
+            results[name] = value
+    except Exception as error:  # keep going: the report shows what failed and the exit code is 1
+        results["errors"][name] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    progress(f"{name} done in {time.perf_counter() - started:.1f} s")
+
+
+def main(argv: list[str], command: str | None = None) -> int:
+    args = parse_args(argv)
+    command = command or shlex.join(["python", "benchmark.py", *argv])
+    use_cpu = args.cpu_tiny or not torch.cuda.is_available()
+    mode = CPU_MODE if use_cpu else CUDA_MODE
+    if use_cpu:
+        mode = dataclasses.replace(mode, trainer_args=(*mode.trainer_args, f"--compile={args.cpu_compile}"))
+        torch.set_num_threads(args.cpu_threads)
+    out = Path(args.out).resolve()
+    try:  # fail before any measurement, not after minutes of GPU time
+        T.find_shards(args.train_files, "train_files")
+        T.find_shards(args.val_files, "val_files")
+    except T.DataError as error:
+        print(f"error: {error} (benchmark flags: --train-files, --val-files)", file=sys.stderr)
+        return 2
+    recipe, single = step_settings(mode, args.train_files, args.val_files)
+    runtime = T.resolve_runtime(single, 0, 1, 0)
+    T.init_distributed(runtime)  # one process: only selects the GPU
+    notes = [
+        "communication (gradient all-reduce, Muon all-gather) is not measured; the predicted multi-GPU step "
+        "is data + fwd+bwd per micro-batch on a rank, + rank 0's Muon share + the whole Adam step",
+        "attention is timed at the final (largest) window, so the predicted total is an upper bound for it",
+        "FLOPs count matmuls and attention QK^T/AV only, head at the padded vocabulary; "
+        "MFU is against the measured matmul ceiling in the compute dtype"
+        + (" (the head runs in FP8, whose ceiling is higher)" if single.fp8_head else ""),
+    ]
+    if use_cpu and not single.compile:
+        notes.append("torch.compile is off on CPU: compile time would dominate this short run (--cpu-compile)")
+    results = dict(meta=metadata(runtime, command, args.commit, mode, single), notes=notes,
+                   settings=dataclasses.asdict(recipe), errors={})
+    progress(f"{results['meta']['device']}: {mode.name}")
+
+    run_section(results, "ceilings", lambda: measure_ceilings(mode, runtime))
+    run_section(results, "flops", lambda: flops_per_token(single))
+    write_report(results, out)
+    bench = None
+
+    def step_section():
+        nonlocal bench
+        bench = StepBench(mode, recipe, single, runtime)
+        return bench.run()
+    run_section(results, "step", step_section)
+    derive_figures(results)
+    write_report(results, out)
+    if bench is not None and "step" in results:
+        run_section(results, "breakdown", lambda: component_breakdown(bench, results["step"]))
+        for name, error in results.get("breakdown", {}).get("errors", {}).items():
+            results["errors"][f"breakdown: {name}"] = error
+        write_report(results, out)
+    del bench
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not args.skip_proxy:
+        run_section(results, "learning_proxy",
+                    lambda: learning_proxy(proxy_settings(mode, args.train_files, args.val_files, out)))
+    text = write_report(results, out)
+    print(text, end="", flush=True)
+    progress(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], command=shlex.join([Path(sys.executable).name, *sys.argv])))
