@@ -973,6 +973,8 @@ def train(s: Settings, runtime: Runtime):
     log.close()
     if s.save_checkpoint and runtime.is_main:
         save_checkpoint_atomically(raw_model, s, s.num_iterations, Path(s.log_dir) / f"{run_id}_final.pt")
+    if runtime.world_size > 1:
+        dist.barrier()  # ranks leave together: gloo can abort a rank that tears down while others work
 
 
 def main(argv: list[str]) -> int:

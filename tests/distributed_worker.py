@@ -39,6 +39,9 @@ def run_muon(rank: int, world_size: int) -> dict:
 
 
 def run_training(rank: int, world_size: int, args: list[str]) -> dict:
+    # float64 parameters: in fp32, gradients that are pure reduction-order noise (~1e-9) exceed Adam's
+    # eps (1e-10) and become +-lr steps, so 1 and 2 ranks would drift apart for no real reason.
+    torch.set_default_dtype(torch.float64)
     settings = T.parse_settings(args)
     runtime = T.resolve_runtime(settings, rank, world_size, 0)
     model = T.build_model(settings, runtime)
@@ -62,6 +65,7 @@ def main():
     result = run_muon(rank, world_size) if mode == "muon" else run_training(rank, world_size, sys.argv[3:])
     torch.save(result, f"{out}.rank{rank}.pt")
     if world_size > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -43,11 +43,11 @@ def test_two_ranks_train_like_one_rank_with_twice_the_accumulation(tmp_path):
     two = [torch.load(tmp_path / f"two.rank{rank}.pt") for rank in (0, 1)]
     assert one["grad_accum_steps"] == 2 * two[0]["grad_accum_steps"]
     assert one["losses"][-1] < one["losses"][0], "training did not reduce the loss"
+    assert one["params"]["embed.weight"].dtype == torch.float64
     for step, (a, b) in enumerate(zip(one["losses"], two[0]["losses"])):
-        assert abs(a - b) < 1e-4, f"step {step}: loss {a} on 1 rank vs {b} on 2 ranks"
+        assert abs(a - b) < 1e-6, f"step {step}: loss {a} on 1 rank vs {b} on 2 ranks"
     for name, reference in one["params"].items():
         assert torch.equal(two[0]["params"][name], two[1]["params"][name]), f"ranks disagree on {name}"
-        # Adam (eps 1e-10) turns near-zero gradients into +-lr steps, so a few elements whose gradient
-        # is reduction-order noise may move differently; whole tensors must still agree closely.
         difference = (reference - two[0]["params"][name]).norm() / reference.norm().clamp_min(1e-12)
-        assert difference < 1e-3, f"{name} differs between 1 and 2 ranks (relative {difference:.2e})"
+        # Muon still orthogonalises in fp32 (the CPU compute dtype): ~1e-6 relative rounding
+        assert difference < 1e-5, f"{name} differs between 1 and 2 ranks (relative {difference:.2e})"
