@@ -93,8 +93,8 @@ class Settings:
 
 PRESETS = {
     # A run with validation on a 2-core CPU in a minute or two. Same code paths as the record except
-    # attention (dense-mask SDPA on CPU) and the FP8 head, which CPUs only emulate (~6x slower than
-    # fp32 here; the FP8 op has its own tests). The 32-wide head learns faster at 5x the head LR.
+    # attention (dense-mask SDPA on CPU) and the FP8 head, which CPUs only emulate, several times
+    # slower than fp32 (the FP8 op has its own tests). The 32-wide head learns faster at 5x the head LR.
     "tiny": dict(
         num_layers=6, model_dim=32, num_heads=2, head_dim=16, attention_layout="LSS-SL",
         value_embed_layout="01--01", block_size=32, max_window_tokens=256, train_seq_len=512,

@@ -32,8 +32,7 @@ def run_trainer(args: list[str], timeout: int = 600) -> subprocess.CompletedProc
 def tiny_run_logs(tmp_path_factory) -> list[Path]:
     """Logs of two real `--preset=tiny` CPU runs on the enwiki shards, with seeds 0 and 1.
 
-    The runs go in parallel with one thread each: two 2-thread processes on a 2-core machine thrash
-    (measured 10x slower per step)."""
+    The runs go in parallel with one thread each: two 2-thread processes on a 2-core machine thrash."""
     train_files, val_files = enwiki_paths()
     log_dir = tmp_path_factory.mktemp("tiny_logs")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
