@@ -538,6 +538,9 @@ class Block(nn.Module):
         return x + self.mlp(rms_norm(x))
 
 
+EVAL_LOGITS_CHUNK = 16 * 1024  # tokens per head+loss chunk in evaluation
+
+
 def padded_vocab_size(vocab_size: int) -> int:
     return -(-vocab_size // 128) * 128
 
@@ -597,9 +600,6 @@ class GPT(nn.Module):
         total = sum(F.cross_entropy(self.capped_logits(x_chunk), t_chunk, reduction="sum")
                     for x_chunk, t_chunk in zip(x.split(EVAL_LOGITS_CHUNK), targets.split(EVAL_LOGITS_CHUNK)))
         return total / targets.numel()
-
-
-EVAL_LOGITS_CHUNK = 16 * 1024
 
 
 def build_model(s: Settings, runtime: Runtime) -> GPT:
