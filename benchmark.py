@@ -241,20 +241,13 @@ def step_settings(mode: Mode, train_files: str, val_files: str) -> tuple[T.Setti
 
 
 def muon_rank_share_step(muon: T.Muon, rank: int, world_size: int):
-    """What rank `rank` of `world_size` computes in Muon.step, without a process group: momentum and
-    Newton-Schulz for its own matrices, then applying every matrix's update (its own result stands in
-    for the ones an all-gather would deliver; the cost is the same)."""
+    """What rank `rank` of `world_size` computes in Muon.step, without a process group: Muon's own
+    ownership loop (momentum and Newton-Schulz for its matrices), then applying every matrix's update
+    (its own result stands in for the ones an all-gather would deliver; the cost is the same)."""
     with torch.no_grad():
-        for group in muon.param_groups:
-            params = group["params"]
-            for base in range(0, len(params), world_size):
-                chunk = params[base:base + world_size]
-                if rank < len(chunk):
-                    update = muon._orthogonal_update(chunk[rank], group["momentum"])
-                else:
-                    update = torch.zeros_like(params[-1], dtype=muon.ns_dtype)
-                for param in chunk:
-                    param.add_(update.to(param.dtype), alpha=-group["lr"])
+        for update, chunk, lr in muon.owned_updates(rank, world_size):
+            for param in chunk:
+                param.add_(update.to(param.dtype), alpha=-lr)
 
 
 def muon_rank_share_count(muon: T.Muon, rank: int, world_size: int) -> tuple[int, int]:

@@ -373,23 +373,30 @@ class Muon(torch.optim.Optimizer):
         update = newton_schulz_orthogonalize(nesterov_grad, self.ns_steps, self.ns_dtype)
         return update * max(1.0, param.size(-2) / param.size(-1)) ** 0.5
 
-    @torch.no_grad()
-    def step(self):
-        pending = []  # (all-gather handle or None, gathered updates, params they belong to)
+    def owned_updates(self, rank: int, world_size: int):
+        """Yields (update, chunk, lr) for every chunk of world_size same-shape matrices: the update is
+        rank's own orthogonalised matrix of the chunk (zeros when the chunk is too short to give it one).
+        step() runs this with the optimizer's own rank; benchmark.py times one rank's share with it."""
         for group in self.param_groups:
             params = group["params"]
-            for base in range(0, len(params), self.world_size):
-                chunk = params[base:base + self.world_size]
-                if self.rank < len(chunk):
-                    update = self._orthogonal_update(chunk[self.rank], group["momentum"])
-                else:  # this rank has no matrix left in the group; send zeros
+            for base in range(0, len(params), world_size):
+                chunk = params[base:base + world_size]
+                if rank < len(chunk):
+                    update = self._orthogonal_update(chunk[rank], group["momentum"])
+                else:
                     update = torch.zeros_like(params[-1], dtype=self.ns_dtype)
-                if self.world_size == 1:
-                    pending.append((None, [update], chunk, group["lr"]))
-                    continue
-                gathered = [torch.empty_like(update) for _ in range(self.world_size)]
-                handle = dist.all_gather(gathered, update.contiguous(), async_op=True)
-                pending.append((handle, gathered, chunk, group["lr"]))
+                yield update, chunk, group["lr"]
+
+    @torch.no_grad()
+    def step(self):
+        pending = []  # (all-gather handle or None, gathered updates, params they belong to, lr)
+        for update, chunk, lr in self.owned_updates(self.rank, self.world_size):
+            if self.world_size == 1:
+                pending.append((None, [update], chunk, lr))
+                continue
+            gathered = [torch.empty_like(update) for _ in range(self.world_size)]
+            handle = dist.all_gather(gathered, update.contiguous(), async_op=True)
+            pending.append((handle, gathered, chunk, lr))
         for handle, updates, chunk, lr in pending:
             if handle is not None:
                 handle.wait()
