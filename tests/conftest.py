@@ -18,10 +18,14 @@ def enwiki_paths() -> tuple[str, str]:
     return str(ENWIKI / "enwiki_train_*.bin"), str(ENWIKI / "enwiki_val_*.bin")
 
 
-def trainer_command(args: list[str], nproc: int = 1) -> list[str]:
-    """The command line of train_gpt.py, under torchrun when nproc > 1."""
+def script_command(script: Path, args: list[str], nproc: int = 1) -> list[str]:
+    """The command line of a Python script, under torchrun when nproc > 1."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return (launcher if nproc > 1 else [sys.executable]) + [str(REPO / "train_gpt.py"), *args]
+    return (launcher if nproc > 1 else [sys.executable]) + [str(script), *args]
+
+
+def trainer_command(args: list[str], nproc: int = 1) -> list[str]:
+    return script_command(REPO / "train_gpt.py", args, nproc)
 
 
 def run_trainer(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

@@ -5,16 +5,14 @@ import sys
 
 import torch
 
-from conftest import REPO, enwiki_paths
+from conftest import REPO, enwiki_paths, script_command
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 
 
 def launch(nproc: int, *args: str):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(WORKER), *args]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(script_command(WORKER, list(args), nproc), cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, f"worker failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
 
 
