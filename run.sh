@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # Launches train_gpt.py on this node with one process per visible GPU; arguments pass through
 # (./run.sh --num_iterations=200). NPROC=4 ./run.sh overrides the process count.
+# One quick process first checks the settings, memory, data and log folder (--check_only=true), so a
+# mistake shows as the trainer's one-line error and exit status 2, not inside torchrun's traceback.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ -z "${NPROC:-}" ]; then
     NPROC=$(python -c "import torch; print(torch.cuda.device_count())")
     if [ "$NPROC" -eq 0 ]; then
         echo "run.sh: no CUDA GPU is visible. On CPU, run the small preset in one process instead:" >&2
-        echo "  python train_gpt.py --preset=tiny --train_files='data/fineweb10B/fineweb_train_000001.bin'" >&2
-        echo "(or NPROC=2 ./run.sh --preset=tiny ... for two gloo ranks)" >&2
+        echo "  python data/cached_fineweb10B.py 1   # once: the validation shard + 1 training shard (400 MB)" >&2
+        echo "  python train_gpt.py --preset=tiny" >&2
+        echo "(or on your own text: see README 'First contact'; NPROC=2 ./run.sh --preset=tiny for two gloo ranks)" >&2
         exit 1
     fi
 fi
+for arg in "$@"; do
+    if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then exec python train_gpt.py --help; fi
+done
+WORLD_SIZE="$NPROC" LOCAL_WORLD_SIZE="$NPROC" python train_gpt.py "$@" --check_only=true
 exec torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py "$@"

@@ -10,15 +10,19 @@ Sections, top to bottom:
   4. Optimizers          8. Training loop and logs
 """
 
+import contextlib
 import copy
 import dataclasses
+import errno
 import glob
+import hashlib
 import json
 import math
 import os
 import resource
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,8 +40,34 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 # 1. Settings
 
 
-def setting(default, help_text):
-    return field(default=default, metadata={"help": help_text})
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a number setting: low..high, each end closed ([, ]) or open ((, ))."""
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        def end(x):
+            return "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:g}" if isinstance(x, float) else str(x)
+        return f"{'(' if self.low_open else '['}{end(self.low)}, {end(self.high)}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Range(0, math.inf, low_open=True, high_open=True)
+NON_NEGATIVE = Range(0, math.inf, high_open=True)
+FRACTION = Range(0, 1)
+MOMENTUM = Range(0, 1, high_open=True)  # a decay factor: 1 would never forget, so it is excluded
+
+
+def setting(default, help_text, valid: Range | None = None):
+    """One setting. Float settings must be finite; `valid` adds the range checked by check_settings."""
+    return field(default=default, metadata={"help": help_text, "valid": valid})
 
 
 @dataclass
@@ -45,50 +75,53 @@ class Settings:
     # data
     train_files: str = setting("data/fineweb10B/fineweb_train_*.bin", "glob of training token shards")
     val_files: str = setting("data/fineweb10B/fineweb_val_*.bin", "glob of validation token shards")
-    val_tokens: int = setting(10_485_760, "validation tokens, taken from the start of val_files")
-    train_seq_len: int = setting(48 * 1024, "tokens in one packed training sequence (one micro-batch)")
-    val_seq_len: int = setting(4 * 64 * 1024, "tokens in one packed validation sequence")
-    train_batch_tokens: int = setting(8 * 48 * 1024, "tokens per optimizer step, over all ranks")
+    val_tokens: int = setting(10_485_760, "validation tokens, taken from the start of val_files", POSITIVE)
+    train_seq_len: int = setting(48 * 1024, "tokens in one packed training sequence (one micro-batch)", POSITIVE)
+    val_seq_len: int = setting(4 * 64 * 1024, "tokens in one packed validation sequence", POSITIVE)
+    train_batch_tokens: int = setting(8 * 48 * 1024, "tokens per optimizer step, over all ranks", POSITIVE)
     # schedule
-    num_iterations: int = setting(1770, "optimizer steps")
-    cooldown_frac: float = setting(0.4, "final fraction of steps over which the LR decays to 0.1x")
-    val_every: int = setting(125, "validate every this many steps (and at the end); 0: only at the end")
-    warmup_steps: int = setting(10, "untimed compile/kernel warmup steps on dummy data, then state is restored")
+    num_iterations: int = setting(1770, "optimizer steps", POSITIVE)
+    cooldown_frac: float = setting(0.4, "final fraction of steps over which the LR decays to 0.1x", FRACTION)
+    val_every: int = setting(125, "validate every this many steps (and at the end); 0: only at the end", NON_NEGATIVE)
+    warmup_steps: int = setting(10, "untimed compile/kernel warmup steps on dummy data, then state is restored",
+                                NON_NEGATIVE)
     # model
-    vocab_size: int = setting(50257, "token vocabulary (GPT-2)")
-    num_layers: int = setting(12, "transformer blocks (even: half encoder, half decoder for U-net skips)")
-    model_dim: int = setting(768, "residual stream width")
-    num_heads: int = setting(6, "attention heads")
-    head_dim: int = setting(128, "width of one attention head (num_heads * head_dim == model_dim)")
-    mlp_ratio: int = setting(4, "MLP hidden width / model_dim")
+    vocab_size: int = setting(50257, "token vocabulary (GPT-2)", Range(1, 2**16))
+    num_layers: int = setting(12, "transformer blocks (even: half encoder, half decoder for U-net skips)", POSITIVE)
+    model_dim: int = setting(768, "residual stream width", POSITIVE)
+    num_heads: int = setting(6, "attention heads", POSITIVE)
+    head_dim: int = setting(128, "width of one attention head (num_heads * head_dim == model_dim)", POSITIVE)
+    mlp_ratio: int = setting(4, "MLP hidden width / model_dim", POSITIVE)
     attention_layout: str = setting("LSSSLSS-SSSL", "per block: L long window, S short window, - no attention")
     value_embed_layout: str = setting("012------012", "per block: index of its value-embedding table, - none")
-    block_size: int = setting(128, "attention mask block size in tokens")
-    max_window_tokens: int = setting(1792, "final long sliding window; grows linearly from one block")
-    attn_scale: float = setting(0.12, "fixed softmax scale for QK-normed attention")
-    logit_cap: float = setting(30.0, "logits soft cap: cap * sigmoid(z / (cap / 4))")
+    block_size: int = setting(128, "attention mask block size in tokens", POSITIVE)
+    max_window_tokens: int = setting(1792, "final long sliding window; grows linearly from one block", POSITIVE)
+    attn_scale: float = setting(0.12, "fixed softmax scale for QK-normed attention", POSITIVE)
+    logit_cap: float = setting(30.0, "logits soft cap: cap * sigmoid(z / (cap / 4))", POSITIVE)
     fp8_head: bool = setting(True, "LM head matmul in FP8 during training (evaluation stays in 16/32 bit)")
     # optimizers
-    muon_lr: float = setting(0.05, "Muon learning rate (hidden matrices)")
-    muon_momentum: float = setting(0.95, "Muon momentum after warmup")
-    muon_momentum_start: float = setting(0.85, "Muon momentum at step 0")
-    muon_momentum_warmup_steps: int = setting(300, "steps over which Muon momentum rises linearly")
-    newton_schulz_steps: int = setting(5, "Newton-Schulz iterations in Muon")
-    head_lr: float = setting(0.008, "Adam learning rate for the LM head")
-    embed_lr: float = setting(0.6, "Adam learning rate for token and value embeddings")
-    scalar_lr: float = setting(0.04, "Adam learning rate for scalars (lambdas, skip weights)")
-    adam_beta1: float = setting(0.8, "Adam beta1")
-    adam_beta2: float = setting(0.95, "Adam beta2")
-    adam_eps: float = setting(1e-10, "Adam epsilon")
+    muon_lr: float = setting(0.05, "Muon learning rate (hidden matrices)", NON_NEGATIVE)
+    muon_momentum: float = setting(0.95, "Muon momentum after warmup", MOMENTUM)
+    muon_momentum_start: float = setting(0.85, "Muon momentum at step 0", MOMENTUM)
+    muon_momentum_warmup_steps: int = setting(300, "steps over which Muon momentum rises linearly", NON_NEGATIVE)
+    newton_schulz_steps: int = setting(5, "Newton-Schulz iterations in Muon", POSITIVE)
+    head_lr: float = setting(0.008, "Adam learning rate for the LM head", NON_NEGATIVE)
+    embed_lr: float = setting(0.6, "Adam learning rate for token and value embeddings", NON_NEGATIVE)
+    scalar_lr: float = setting(0.04, "Adam learning rate for scalars (lambdas, skip weights)", NON_NEGATIVE)
+    adam_beta1: float = setting(0.8, "Adam beta1", MOMENTUM)
+    adam_beta2: float = setting(0.95, "Adam beta2", MOMENTUM)
+    adam_eps: float = setting(1e-10, "Adam epsilon", POSITIVE)
     # machinery
     device: str = setting("auto", "auto (cuda if available), cuda or cpu")
     attention_backend: str = setting("auto", "auto (flex on cuda, sdpa on cpu), flex or sdpa (dense mask)")
     compile: bool = setting(True, "torch.compile the model")
-    seed: int = setting(0, "random seed for the model init")
+    seed: int = setting(0, "random seed for the model init", Range(0, 2**63 - 1))
     log_dir: str = setting("logs", "folder for the run log <run_id>.txt (rank 0)")
     run_id: str = setting("", "log file name; empty: a random UUID")
     save_checkpoint: bool = setting(False, "save the final model to <log_dir>/<run_id>_final.pt")
     preset: str = setting("", "apply a preset first (tiny: a small CPU-sized run), then the other flags")
+    check_only: bool = setting(False, "check settings, memory, data and log folder, then exit (run.sh does this first)")
+    allow_val_in_train: bool = setting(False, "run even when a validation file is also a training file (warns)")
 
 
 PRESETS = {
@@ -112,13 +145,14 @@ class DataError(ValueError):
     """A missing, corrupt or too small data file; the message names the file."""
 
 
+BOOLEAN_SPELLINGS = {True: ("true", "1", "yes", "on"), False: ("false", "0", "no", "off")}  # any letter case
+
+
 def parse_value(name: str, kind: type, text: str):
     if kind is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
+        for value, spellings in BOOLEAN_SPELLINGS.items():
+            if text.lower() in spellings:
+                return value
         raise SettingsError(f"--{name}={text}: expected true or false")
     try:
         return kind(text)
@@ -127,10 +161,21 @@ def parse_value(name: str, kind: type, text: str):
 
 
 def settings_help() -> str:
-    lines = ["usage: torchrun --nproc_per_node=N train_gpt.py [--name=value ...]", "", "settings:"]
-    for f in dataclasses.fields(Settings):
-        lines.append(f"  --{f.name}={f.default!s:<40} {f.metadata['help']}")
-    lines.append(f"presets: {', '.join(PRESETS)}")
+    def flag(name, value):
+        return f"--{name}={str(value).lower() if isinstance(value, bool) else value}"
+
+    fields = dataclasses.fields(Settings)
+    width = max(len(flag(f.name, f.default)) for f in fields)
+    lines = ["usage: torchrun --nproc_per_node=N train_gpt.py [--name=value ...]   (or: python train_gpt.py ...)",
+             "", "settings (--name=default, then what it does and, for numbers, the valid range):"]
+    for f in fields:
+        valid = f"; valid: {f.metadata['valid']}" if f.metadata["valid"] is not None else ""
+        lines.append(f"  {flag(f.name, f.default):<{width}}  {f.metadata['help']}{valid}")
+    spellings = " or ".join("/".join(spellings) for spellings in BOOLEAN_SPELLINGS.values())
+    lines += ["", f"true/false settings accept {spellings}, in any letter case.", "", "presets:"]
+    for name, values in PRESETS.items():
+        flags = " ".join(flag(key, value) for key, value in values.items())
+        lines += textwrap.wrap(flags, 110, initial_indent=f"  --preset={name}: ", subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 
@@ -159,11 +204,12 @@ def check_settings(s: Settings):
         if not condition:
             raise SettingsError(message)
 
-    positive = ["val_tokens", "train_seq_len", "val_seq_len", "train_batch_tokens", "num_iterations",
-                "vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio",
-                "block_size", "max_window_tokens", "newton_schulz_steps"]
-    for name in positive:
-        require(getattr(s, name) > 0, f"--{name}={getattr(s, name)}: must be positive")
+    for f in dataclasses.fields(Settings):
+        value, valid = getattr(s, f.name), f.metadata["valid"]
+        if isinstance(value, float):
+            require(math.isfinite(value), f"--{f.name}={value}: must be a finite number")
+        if valid is not None:
+            require(value in valid, f"--{f.name}={value}: must be in {valid} (see --help)")
     require(s.num_layers % 2 == 0, f"--num_layers={s.num_layers}: must be even (U-net encoder/decoder halves)")
     require(s.num_heads * s.head_dim == s.model_dim,
             f"num_heads * head_dim = {s.num_heads * s.head_dim} must equal model_dim = {s.model_dim}")
@@ -179,8 +225,6 @@ def check_settings(s: Settings):
             f"--train_batch_tokens={s.train_batch_tokens}: must be a multiple of train_seq_len={s.train_seq_len}")
     require(s.val_tokens % s.val_seq_len == 0,
             f"--val_tokens={s.val_tokens}: must be a multiple of val_seq_len={s.val_seq_len}")
-    require(0.0 <= s.cooldown_frac <= 1.0, f"--cooldown_frac={s.cooldown_frac}: must be in [0, 1]")
-    require(s.val_every >= 0 and s.warmup_steps >= 0, "--val_every and --warmup_steps must be >= 0")
     require(s.device in ("auto", "cuda", "cpu"), f"--device={s.device}: choose auto, cuda or cpu")
     require(s.attention_backend in ("auto", "flex", "sdpa"),
             f"--attention_backend={s.attention_backend}: choose auto, flex or sdpa")
@@ -703,13 +747,21 @@ def window_blocks_at(step: int, s: Settings) -> int:
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
 
 
+def unreadable(path: Path, error: OSError) -> DataError:
+    return DataError(f"{path}: cannot read it ({error.strerror or error}); check that it exists and that this user "
+                     "may read it")
+
+
 def read_shard_header(path: Path) -> int:
     """Returns the token count after checking magic, version and file size."""
-    size = path.stat().st_size
-    if size < SHARD_HEADER_BYTES:
+    try:
+        size = path.stat().st_size
+        header = np.fromfile(path, dtype="<i4", count=256) if size >= SHARD_HEADER_BYTES else None
+    except OSError as error:
+        raise unreadable(path, error) from None
+    if header is None:
         raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header; "
                         "the file is truncated: delete it and fetch it again")
-    header = np.fromfile(path, dtype="<i4", count=256)
     if header[0] != SHARD_MAGIC:
         raise DataError(f"{path}: bad magic number {header[0]} (expected {SHARD_MAGIC}); "
                         "not a token shard: check --train_files/--val_files")
@@ -724,9 +776,25 @@ def read_shard_header(path: Path) -> int:
     return num_tokens
 
 
-def load_shard(path: Path) -> Tensor:
+def check_token_range(tokens: np.ndarray, vocab_size: int, path: Path):
+    """Every token id must be < vocab_size, or the embedding lookup fails (on CUDA as a device-side assert
+    that names no file). A vectorised max; the position is searched for only when the check fails.
+    data/shards.py's verify_shard applies the same rule; a test checks that both agree."""
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        position = int(np.argmax(tokens >= vocab_size))
+        raise DataError(f"{path}: token id {int(tokens[position])} at position {position} is outside the vocabulary "
+                        f"(ids must be < --vocab_size={vocab_size}); made with a different tokenizer? "
+                        "Re-tokenize with data/fineweb.py (GPT-2) or set --vocab_size to the tokenizer's")
+
+
+def load_shard(path: Path, vocab_size: int) -> Tensor:
+    """The shard's tokens as int32, after checking its header and that every token is < vocab_size."""
     num_tokens = read_shard_header(path)
-    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
+    try:
+        tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
+    except OSError as error:
+        raise unreadable(path, error) from None
+    check_token_range(tokens, vocab_size, path)
     return torch.from_numpy(tokens.astype(np.int32))
 
 
@@ -735,6 +803,10 @@ def find_shards(pattern: str, setting_name: str) -> list[Path]:
     if not files:
         raise DataError(f"no files match --{setting_name}={pattern!r}; download FineWeb with "
                         "`python data/cached_fineweb10B.py 9` or point the setting at your shards")
+    folders = [path for path in files if path.is_dir()]
+    if folders:
+        raise DataError(f"--{setting_name}={pattern!r} matches the folder {folders[0]}; give a glob of shard files, "
+                        f"e.g. --{setting_name}='{folders[0] / '*.bin'}'")
     return files
 
 
@@ -760,7 +832,7 @@ def train_batches(files: list[Path], s: Settings, runtime: Runtime):
     seq_len = s.train_seq_len
 
     def load(path: Path) -> Tensor:  # pinned on CUDA, so copies to the GPU do not stall the host
-        tokens = load_shard(path)
+        tokens = load_shard(path, s.vocab_size)
         return tokens.pin_memory() if runtime.device.type == "cuda" else tokens
 
     file_index, tokens, position = 0, load(files[0]), 0
@@ -782,7 +854,7 @@ def load_val_tokens(files: list[Path], s: Settings) -> Tensor:
     for path in files:
         if have >= needed:
             break
-        parts.append(load_shard(path)[:needed - have])
+        parts.append(load_shard(path, s.vocab_size)[:needed - have])
         have += parts[-1].numel()
     if have < needed:
         raise DataError(f"--val_files={s.val_files!r} hold {have} tokens, fewer than --val_tokens={s.val_tokens} "
@@ -873,14 +945,17 @@ class RunLog:
         self.path, self.file = path, None
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "w") as f:
-            f.write(header)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        self.file = open(path, "a")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "w") as f:
+                f.write(header)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+            self.file = open(path, "a")
+        except OSError as error:
+            raise SettingsError(log_dir_problem(path.parent, error)) from None
 
     def line(self, text: str, durable: bool = False):
         if self.path is None:
@@ -904,13 +979,15 @@ def environment_report(s: Settings, runtime: Runtime) -> str:
         device = f"{runtime.world_size} x cpu"
     try:
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip()
-    except (FileNotFoundError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.TimeoutExpired):  # missing, not executable for this user, or hung
         smi = "nvidia-smi: not available"
+    overlap = val_train_overlap(s)
     return "\n".join([
         f"Running Python {sys.version}",
         f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}",
         f"Device: {device}",
         f"Settings: {json.dumps(dataclasses.asdict(s))}",
+        *([f"Warning: {overlap} (allowed by --allow_val_in_train=true)"] if overlap else []),
         smi or "nvidia-smi: not available",
     ])
 
@@ -930,13 +1007,216 @@ def save_checkpoint_atomically(model: nn.Module, s: Settings, step: int, path: P
     os.replace(temporary, path)
 
 
-def train(s: Settings, runtime: Runtime):
-    if runtime.grad_accum_steps * runtime.world_size * s.train_seq_len != s.train_batch_tokens:
-        raise ValueError("runtime was resolved for other settings: call resolve_runtime with these settings")
+# Checks before anything is built. main() runs them on every rank (their results agree, so all ranks
+# stop together); with --check_only=true, run.sh runs them once before it launches torchrun.
+
+GIB = 2**30
+
+
+def estimate_memory(s: Settings, runtime: Runtime) -> dict[str, tuple[int, str]]:
+    """A lower bound of one rank's peak memory in bytes, by part, each with the setting that sizes it.
+    Counted: weights, gradients and optimizer state; activations of one training micro-step (~16
+    model_dim-wide values a token and block, the saved tensors of attention and MLP); the fp32 logits
+    of one micro-step (3 copies on CPU/eager: logits, capped logits, their gradient; the bf16 head
+    output when compiled on CUDA); and the dense attention masks of the SDPA path (a bool mask per
+    window kind and the float copy SDPA makes of it), in training and in evaluation."""
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in GPT(s, runtime.attention_backend).parameters())
+    value_bytes = torch.finfo(runtime.compute_dtype).bits // 8
+    vocab = padded_vocab_size(s.vocab_size)
+    compiled_gpu = runtime.device.type == "cuda" and s.compile
+    logits_per_token = vocab * (value_bytes if compiled_gpu else 4 * 3)
+    parts = {
+        "weights and optimizer state": (16 * num_params, "--model_dim / --num_layers"),
+        "activations of one micro-step": (16 * s.model_dim * s.num_layers * s.train_seq_len * value_bytes,
+                                          "--train_seq_len"),
+        "logits of one micro-step": (s.train_seq_len * logits_per_token, "--train_seq_len"),
+        "evaluation logits": (min(s.val_seq_len, EVAL_LOGITS_CHUNK) * vocab * 4, "--val_seq_len"),
+    }
+    if runtime.attention_backend == "sdpa":
+        kinds = len(set(s.attention_layout) - {"-"})
+        parts["dense attention masks (training)"] = ((kinds + 4) * s.train_seq_len**2, "--train_seq_len")
+        parts["dense attention masks (evaluation)"] = ((kinds + 4) * s.val_seq_len**2, "--val_seq_len")
+    return parts
+
+
+def available_memory(runtime: Runtime) -> int:
+    """Bytes one rank may use: the GPU's memory, or the machine's available memory shared by its ranks."""
+    if runtime.device.type == "cuda":
+        return torch.cuda.get_device_properties(runtime.device).total_memory
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        total = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: the physical memory
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
+
+
+def check_memory(s: Settings, runtime: Runtime):
+    parts = estimate_memory(s, runtime)
+    train_parts = [name for name in parts if "evaluation" not in name]
+    eval_parts = ["weights and optimizer state"] + [name for name in parts if "evaluation" in name]
+    needed = max(sum(parts[name][0] for name in names) for names in (train_parts, eval_parts))
+    available = available_memory(runtime)
+    if needed <= available:
+        return
+    largest = max(parts, key=lambda name: parts[name][0])
+    size, setting_name = parts[largest]
+    advice = f"lower {setting_name}"
+    if runtime.device.type == "cpu" and s.preset != "tiny":
+        advice = ("these are GPU-sized settings: on CPU use the tiny preset, e.g. `python data/cached_fineweb10B.py 1 "
+                  "&& python train_gpt.py --preset=tiny`")
+    raise SettingsError(
+        f"these settings need at least {needed / GIB:.1f} GiB per rank on {runtime.device.type} but "
+        f"{available / GIB:.1f} GiB is available (largest part: {largest}, {size / GIB:.1f} GiB); {advice}")
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of the header and first MiB: equal for copies of one shard, different for distinct shards."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(SHARD_HEADER_BYTES + 2**20)).hexdigest()
+
+
+def val_train_overlap(s: Settings) -> str | None:
+    """Names a validation file that is also a training file (same path or same content), else None."""
+    try:
+        train_files, val_files = find_shards(s.train_files, "train_files"), find_shards(s.val_files, "val_files")
+        train_by_path = {path.resolve(): path for path in train_files}
+        for val in val_files:
+            if val.resolve() in train_by_path:
+                return f"validation file {val} is also a training file"
+        train_by_print = {file_fingerprint(path): path for path in train_files}
+        for val in val_files:
+            twin = train_by_print.get(file_fingerprint(val))
+            if twin is not None:
+                return f"validation file {val} has the same content as training file {twin}"
+    except (DataError, OSError):  # missing or unreadable files are reported by the data checks
+        return None
+    return None
+
+
+def check_data(s: Settings) -> tuple[list[Path], list[Path], int, Tensor]:
+    """Training files (headers), validation tokens (range-checked) and their overlap, before anything is
+    built. Returns (train files, val files, usable training tokens, validation tokens)."""
     train_files = find_shards(s.train_files, "train_files")
     val_files = find_shards(s.val_files, "val_files")
     usable_train_tokens = check_train_files(train_files, s.train_batch_tokens)
     val_tokens = load_val_tokens(val_files, s)
+    overlap = val_train_overlap(s)
+    if overlap and not s.allow_val_in_train:
+        raise DataError(f"{overlap}, so the validation loss would measure memorisation; use separate files, "
+                        "or --allow_val_in_train=true to run anyway")
+    if overlap:
+        print(f"warning: {overlap}; the validation loss measures memorisation", file=sys.stderr, flush=True)
+    return train_files, val_files, usable_train_tokens, val_tokens
+
+
+def log_dir_problem(log_dir: Path, error: OSError) -> str:
+    if isinstance(error, FileExistsError) or (log_dir.exists() and not log_dir.is_dir()):
+        problem = "is a file, not a folder"
+    elif error.errno == errno.ENOSPC:
+        problem = "is on a full disk"
+    else:
+        problem = f"cannot be written ({error.strerror or error})"
+    return f"--log_dir={log_dir}: the log folder {problem}; choose another --log_dir"
+
+
+def check_log_dir(s: Settings):
+    """Writes, fsyncs and deletes a 64 KiB file in the log folder, so an unwritable folder, a file in its
+    place or a full disk stop the run before it starts. Folders it had to create are removed again."""
+    log_dir = Path(s.log_dir)
+    created = [folder for folder in [log_dir, *log_dir.parents] if not folder.exists()]
+    probe = log_dir / f".write_check_{os.getpid()}.tmp"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(64 * 1024))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        raise SettingsError(log_dir_problem(log_dir, error)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+            for folder in created:  # deepest first
+                folder.rmdir()
+
+
+def check_log_dir_on_rank0(s: Settings, runtime: Runtime):
+    """Rank 0 checks the folder it will log to; all ranks stop together if it fails."""
+    problem = None
+    if runtime.is_main:
+        try:
+            check_log_dir(s)
+        except SettingsError as error:
+            problem = error
+    if runtime.world_size > 1:
+        failed = torch.tensor(int(problem is not None), device=runtime.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and problem is None:
+            problem = SettingsError("rank 0 cannot write its log folder")  # rank 0 prints the reason
+    if problem is not None:
+        raise problem
+
+
+def preflight(s: Settings, runtime: Runtime):
+    """--check_only=true: everything train() checks before it builds the model, plus the token range of
+    every training shard (a run meets them only when it reaches them), in one process."""
+    train_files, _, usable_train_tokens, _ = check_data(s)
+    for path in train_files:
+        num_tokens = read_shard_header(path)
+        try:
+            tokens = np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+        except OSError as error:
+            raise unreadable(path, error) from None
+        check_token_range(tokens, s.vocab_size, path)
+    check_log_dir(s)
+    print(f"checked: settings, memory, {len(train_files)} training file(s) ({usable_train_tokens} usable tokens), "
+          f"validation data and --log_dir={s.log_dir}", flush=True)
+
+
+# A run whose loss is not finite stops. Reading the loss every step would make the host wait for the
+# device every step, so each step only records the first bad step on the device, and the host reads
+# that every LOSS_CHECK_EVERY steps and at each validation (one sync and one all-reduce of an int).
+
+LOSS_CHECK_EVERY = 10
+NO_BAD_STEP = 2**62
+
+
+class RunDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+def nonfinite_loss_message(step: int, kind: str) -> str:
+    return (f"the {kind} loss is not finite (nan or inf) at step {step}: the run diverged and was stopped; "
+            "lower the learning rates (--muon_lr, --embed_lr, --head_lr, --scalar_lr) or check the data")
+
+
+class NonFiniteLossWatch:
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.first_bad_step = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=runtime.device)
+
+    def record(self, loss: Tensor, step: int):
+        """Remembers step if loss is not finite; no host sync."""
+        bad_step = torch.where(torch.isfinite(loss), NO_BAD_STEP, step)
+        torch.minimum(self.first_bad_step, bad_step, out=self.first_bad_step)
+
+    def check(self, log: "RunLog"):
+        """Stops the run (on every rank) if any rank recorded a non-finite loss."""
+        if self.runtime.world_size > 1:
+            dist.all_reduce(self.first_bad_step, op=dist.ReduceOp.MIN)
+        first_bad_step = int(self.first_bad_step.item())
+        if first_bad_step != NO_BAD_STEP:
+            message = nonfinite_loss_message(first_bad_step, "training")
+            log.line(f"stopped: {message}", durable=True)
+            raise RunDiverged(message)
+
+
+def train(s: Settings, runtime: Runtime):
+    if runtime.grad_accum_steps * runtime.world_size * s.train_seq_len != s.train_batch_tokens:
+        raise ValueError("runtime was resolved for other settings: call resolve_runtime with these settings")
+    train_files, val_files, usable_train_tokens, val_tokens = check_data(s)
 
     raw_model = build_model(s, runtime)
     model = torch.compile(raw_model, dynamic=False) if s.compile else raw_model
@@ -957,6 +1237,7 @@ def train(s: Settings, runtime: Runtime):
 
     warm_up_kernels(model, optimizers, s, runtime)
     batches = train_batches(train_files, s, runtime)
+    loss_watch = NonFiniteLossWatch(runtime)
     training_time_ms = 0.0
     runtime.synchronize()
     started = time.perf_counter()
@@ -968,14 +1249,20 @@ def train(s: Settings, runtime: Runtime):
             val_loss = validation_loss(model, val_tokens, step, s, runtime)
             log.line(f"step:{step}/{s.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
                      f"step_avg:{training_time_ms / max(step, 1):.2f}ms", durable=True)
+            if not math.isfinite(val_loss):
+                log.line(f"stopped: {nonfinite_loss_message(step, 'validation')}", durable=True)
+                raise RunDiverged(nonfinite_loss_message(step, "validation"))
+            loss_watch.check(log)
             runtime.synchronize()
             started = time.perf_counter()
         if last_step:
             break
-        train_step(model, optimizers, batches, step, s, runtime)
+        loss_watch.record(train_step(model, optimizers, batches, step, s, runtime), step + 1)
         elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - started)
         log.line(f"step:{step + 1}/{s.num_iterations} train_time:{elapsed_ms:.0f}ms "
                  f"step_avg:{elapsed_ms / (step + 1):.2f}ms")
+        if (step + 1) % LOSS_CHECK_EVERY == 0:
+            loss_watch.check(log)
     log.line(peak_memory_line(runtime), durable=True)
     log.close()
     if s.save_checkpoint and runtime.is_main:
@@ -993,8 +1280,13 @@ def main(argv: list[str]) -> int:
         settings = parse_settings(argv)
         runtime = resolve_runtime(settings, rank, int(os.environ.get("WORLD_SIZE", 1)),
                                   int(os.environ.get("LOCAL_RANK", 0)))
+        check_memory(settings, runtime)
+        if settings.check_only:
+            preflight(settings, runtime)
+            return 0
         init_distributed(runtime)
         try:
+            check_log_dir_on_rank0(settings, runtime)
             train(settings, runtime)
         finally:
             if dist.is_initialized():
@@ -1003,6 +1295,10 @@ def main(argv: list[str]) -> int:
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunDiverged as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

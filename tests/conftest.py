@@ -1,5 +1,14 @@
-"""Shared paths and fixtures. Shared data lives beside the project as ../shared (CI has the same layout)."""
+"""Shared paths, the one lookup of test data, and process helpers that never leave a child behind.
+
+Test data (README "Test data"): the folder named by $SPEEDRUN_TEST_DATA, else ../shared/data beside the
+project. It holds enwiki/ (enwiki_train_*.bin, enwiki_val_000000.bin and the text they were made from)
+and gpt2/tiktoken_cache/ (the GPT-2 tokenizer, for offline tokenizing). Tests that only need some
+train and validation shards fall back to FineWeb from `python data/cached_fineweb10B.py 1`. A test
+whose data is missing is skipped with a reason that says how to provide it.
+"""
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,14 +17,117 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-ENWIKI = SHARED / "data" / "enwiki"
 sys.path.insert(0, str(REPO))
 
+TEST_DATA_ENV = "SPEEDRUN_TEST_DATA"
+FINEWEB_DIR = REPO / "data" / "fineweb10B"
+PROVIDE_TEST_DATA = (f"put the shared test data at {SHARED / 'data'} or set {TEST_DATA_ENV} to a folder with "
+                     "enwiki/ and gpt2/tiktoken_cache/ (see README, 'Test data')")
+PROVIDE_SHARDS = f"{PROVIDE_TEST_DATA}, or run `python data/cached_fineweb10B.py 1` for FineWeb shards"
 
-def enwiki_paths() -> tuple[str, str]:
-    if not (ENWIKI / "enwiki_val_000000.bin").exists():
-        pytest.fail(f"shared test data missing: expected {ENWIKI} beside the project (../shared/data/enwiki)")
-    return str(ENWIKI / "enwiki_train_*.bin"), str(ENWIKI / "enwiki_val_*.bin")
+
+def data_root() -> Path:
+    return Path(os.environ[TEST_DATA_ENV]) if os.environ.get(TEST_DATA_ENV) else SHARED / "data"
+
+
+def enwiki_dir(root: Path | None = None) -> Path:
+    """The enwiki shards and their source text (tests that compare against the published data)."""
+    enwiki = (root or data_root()) / "enwiki"
+    if not (enwiki / "enwiki_val_000000.bin").is_file() or not list(enwiki.glob("enwiki_train_*.bin")):
+        pytest.skip(f"test data missing: no enwiki shards in {enwiki}; {PROVIDE_TEST_DATA}")
+    return enwiki
+
+
+def tiktoken_cache(root: Path | None = None) -> Path:
+    """A tiktoken cache holding the GPT-2 encoding, so tokenizing needs no network."""
+    cache = (root or data_root()) / "gpt2" / "tiktoken_cache"
+    if not cache.is_dir() or not any(cache.iterdir()):
+        pytest.skip(f"test data missing: no tiktoken cache in {cache}; {PROVIDE_TEST_DATA}")
+    return cache
+
+
+def shard_paths(root: Path | None = None, fineweb_dir: Path = FINEWEB_DIR) -> tuple[str, str]:
+    """(train glob, val glob) of real token shards: enwiki, else the FineWeb shards of
+    `data/cached_fineweb10B.py 1` (their first training shard and the validation shard)."""
+    enwiki = (root or data_root()) / "enwiki"
+    if (enwiki / "enwiki_val_000000.bin").is_file() and list(enwiki.glob("enwiki_train_*.bin")):
+        return str(enwiki / "enwiki_train_*.bin"), str(enwiki / "enwiki_val_*.bin")
+    train, val = fineweb_dir / "fineweb_train_000001.bin", fineweb_dir / "fineweb_val_000000.bin"
+    if train.is_file() and val.is_file():
+        return str(train), str(val)
+    pytest.skip(f"test data missing: no enwiki shards in {enwiki} and no FineWeb shards in {fineweb_dir}; "
+                f"{PROVIDE_SHARDS}")
+
+
+def first_file(pattern: str) -> Path:
+    return Path(sorted(Path(pattern).parent.glob(Path(pattern).name))[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes. Every child starts in its own session (its own process group, which also keeps the
+# terminal's Ctrl-C away from it), and when the test ends for any reason (pass, failure, timeout,
+# KeyboardInterrupt) the child and all its descendants are killed. Killing the group alone is not
+# enough: torchrun starts each worker in a session of its own. Timeouts are about 10x an idle 2-core
+# machine's time: room for a loaded machine, but a stuck run ends.
+
+
+def live_processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every process that is not a zombie, from /proc (Linux)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)": state ppid pgrp ...
+            if fields[0] != "Z":
+                table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    table = live_processes()
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, (parent, _) in table.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def kill_process_tree(process: subprocess.Popen):
+    """Stops the child and its descendants (SIGSTOP, so none can start another) until the tree is
+    complete, then SIGKILLs them all. The tree must be walked while the child lives: the descendants
+    of a dead process are adopted by init and cannot be told from other processes."""
+    tree = set()
+    while True:
+        new = {process.pid, *descendants(process.pid)} - tree
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        tree |= new
+        if not new:
+            break
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+@contextlib.contextmanager
+def process_group(command: list[str], **popen_kwargs):
+    process = subprocess.Popen(command, start_new_session=True, **popen_kwargs)
+    try:
+        yield process
+    finally:
+        kill_process_tree(process)
+
+
+def run_process(command: list[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with capture_output and text, in its own process group that is killed afterwards."""
+    with process_group(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{' '.join(map(str, command))} did not finish in {timeout} s (killed)")
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
 
 
 def script_command(script: Path, args: list[str], nproc: int = 1) -> list[str]:
@@ -28,29 +140,33 @@ def trainer_command(args: list[str], nproc: int = 1) -> list[str]:
     return script_command(REPO / "train_gpt.py", args, nproc)
 
 
-def run_trainer(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(trainer_command(args), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run_trainer(args: list[str], timeout: int = 600, **popen_kwargs) -> subprocess.CompletedProcess:
+    return run_process(trainer_command(args), timeout, cwd=REPO, **popen_kwargs)
 
 
 @pytest.fixture(scope="session")
 def tiny_run_logs(tmp_path_factory) -> list[Path]:
-    """Logs of two real `--preset=tiny` CPU runs on the enwiki shards, with seeds 0 and 1.
+    """Logs of two real `--preset=tiny` CPU runs on the test shards, with seeds 0 and 1.
 
     The runs go in parallel with one thread each: two 2-thread processes on a 2-core machine thrash."""
-    train_files, val_files = enwiki_paths()
+    train_files, val_files = shard_paths()
     log_dir = tmp_path_factory.mktemp("tiny_logs")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor_cache"))}
-    runs = {}
-    for seed in (0, 1):
-        args = ["--preset=tiny", f"--seed={seed}", f"--train_files={train_files}", f"--val_files={val_files}",
-                f"--log_dir={log_dir}", f"--run_id=tiny_seed{seed}"]
-        output = open(log_dir / f"console_seed{seed}.out", "w+")
-        runs[seed] = (subprocess.Popen(trainer_command(args), cwd=REPO, env=env, stdout=output,
-                                       stderr=subprocess.STDOUT, text=True), output)
-    for seed, (process, output) in runs.items():
-        returncode = process.wait(timeout=900)
-        output.seek(0)
-        assert returncode == 0, f"tiny run (seed {seed}) failed:\n{output.read()[-4000:]}"
-        output.close()
+    with contextlib.ExitStack() as stack:
+        runs = {}
+        for seed in (0, 1):
+            args = ["--preset=tiny", f"--seed={seed}", f"--train_files={train_files}", f"--val_files={val_files}",
+                    f"--log_dir={log_dir}", f"--run_id=tiny_seed{seed}"]
+            output = stack.enter_context(open(log_dir / f"console_seed{seed}.out", "w+"))
+            process = stack.enter_context(process_group(trainer_command(args), cwd=REPO, env=env, stdout=output,
+                                                        stderr=subprocess.STDOUT, text=True))
+            runs[seed] = (process, output)
+        for seed, (process, output) in runs.items():
+            try:
+                returncode = process.wait(timeout=900)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"tiny run (seed {seed}) did not finish in 900 s (killed)")
+            output.seek(0)
+            assert returncode == 0, f"tiny run (seed {seed}) failed:\n{output.read()[-4000:]}"
     return [log_dir / f"tiny_seed{seed}.txt" for seed in runs]

@@ -4,7 +4,6 @@ import copy
 import json
 import math
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 
 import benchmark as B
 import train_gpt as T
-from conftest import REPO, enwiki_paths
+from conftest import REPO, run_process, shard_paths
 
 # Figures every CPU report must give as positive finite numbers (JSON paths).
 REQUIRED_FIGURES = [
@@ -38,11 +37,11 @@ def get(results: dict, path: str):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """One real `--cpu-tiny` run on the enwiki shards: (JSON, Markdown text, stdout)."""
-    train_files, val_files = enwiki_paths()
+    train_files, val_files = shard_paths()
     out = tmp_path_factory.mktemp("benchmark")
     command = [sys.executable, str(REPO / "benchmark.py"), "--cpu-tiny", f"--out={out}",
                f"--train-files={train_files}", f"--val-files={val_files}"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_process(command, cwd=REPO, timeout=900)
     assert result.returncode == 0, f"benchmark failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     results = json.loads((out / "benchmark.json").read_text())
     return results, (out / "benchmark.md").read_text(), result.stdout
@@ -271,7 +270,7 @@ def test_metadata_names_device_torch_commit_and_command(report):
     meta = results["meta"]
     assert meta["device"] == "cpu" and meta["device_type"] == "cpu"
     assert meta["torch_version"] == torch.__version__
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    head = run_process(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, timeout=60)
     assert meta["git_commit"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
     assert "benchmark.py" in meta["command"] and "--cpu-tiny" in meta["command"]
     assert meta["compile"] is False and meta["attention_backend"] == "sdpa" and meta["compute_dtype"] == "float32"

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, run_process
+
 sys.path.insert(0, str(REPO / "data"))
 
 import shards  # noqa: E402
@@ -172,13 +173,7 @@ def test_asking_for_more_shards_than_exist_is_refused(tmp_path):
 
 def run_entry_point(script: str, args: list[str], endpoint: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"))
-    return subprocess.run(
-        [sys.executable, str(REPO / "data" / script), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_process([sys.executable, str(REPO / "data" / script), *args], env=env, timeout=120)
 
 
 def test_entry_point_downloads_through_hf_endpoint(hub, tmp_path):

@@ -4,7 +4,6 @@ import gzip
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,10 +11,8 @@ import numpy as np
 import pytest
 import tiktoken
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-ENWIKI = SHARED / "data" / "enwiki"
-TIKTOKEN_CACHE = SHARED / "data" / "gpt2" / "tiktoken_cache"
+from conftest import REPO, enwiki_dir, run_process, tiktoken_cache
+
 sys.path.insert(0, str(REPO / "data"))
 
 import fineweb  # noqa: E402
@@ -26,8 +23,7 @@ EOT = 50256
 
 @pytest.fixture(autouse=True)
 def offline_tokenizer(monkeypatch):
-    assert TIKTOKEN_CACHE.is_dir(), f"shared test data missing: {TIKTOKEN_CACHE}"
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tiktoken_cache()))
 
 
 def encoder():
@@ -60,15 +56,14 @@ def tokenize(args: list[str]) -> int:
 
 
 def test_wikiextractor_gz_shards_decode_to_the_source_documents(tmp_path):
-    sources = [ENWIKI / "text" / "wiki_00.gz", ENWIKI / "text" / "wiki_01.gz"]
+    sources = [enwiki_dir() / "text" / "wiki_00.gz", enwiki_dir() / "text" / "wiki_01.gz"]
     documents = [doc for path in sources for doc in wikiextractor_documents(path)]
     shard_size = 150_000
     out = tmp_path / "out"
-    result = subprocess.run(
+    result = run_process(
         [sys.executable, str(REPO / "data" / "fineweb.py"), *map(str, sources), "--output_dir", str(out),
          "--prefix", "wiki", "--shard_size", str(shard_size), "--workers", "2"],
-        env=dict(os.environ, TIKTOKEN_CACHE_DIR=str(TIKTOKEN_CACHE)),
-        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, TIKTOKEN_CACHE_DIR=str(tiktoken_cache())), timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     paths = shard_paths(out, "wiki")
@@ -93,18 +88,18 @@ def test_wikiextractor_gz_shards_decode_to_the_source_documents(tmp_path):
 
 def test_reproduces_the_published_enwiki_shard(tmp_path):
     # The shared enwiki_train_000001.bin starts with wiki_00, wiki_01, ... with documents under 200 characters dropped.
-    sources = [ENWIKI / "text" / "wiki_00.gz", ENWIKI / "text" / "wiki_01.gz"]
+    sources = [enwiki_dir() / "text" / "wiki_00.gz", enwiki_dir() / "text" / "wiki_01.gz"]
     assert tokenize([*sources, "--output_dir", tmp_path, "--min_chars", "200", "--shard_size", 10**6]) == 0
     (only_shard,) = shard_paths(tmp_path, tmp_path.name)
     ours = shards.read_tokens(only_shard)
-    published = shards.read_tokens(ENWIKI / "enwiki_train_000001.bin")
+    published = shards.read_tokens(enwiki_dir() / "enwiki_train_000001.bin")
     assert len(ours) > 400_000
     assert np.array_equal(ours, published[: len(ours)])
     assert published[len(ours)] == EOT  # we stopped exactly at a document boundary of the published stream
 
 
 def test_output_does_not_depend_on_worker_count(tmp_path):
-    source = ENWIKI / "text" / "wiki_02.gz"
+    source = enwiki_dir() / "text" / "wiki_02.gz"
     for workers in (1, 2):
         assert tokenize([source, "--output_dir", tmp_path / str(workers), "--prefix", "w",
                          "--shard_size", 100_000, "--workers", workers]) == 0  # fmt: skip

@@ -1,7 +1,6 @@
 """data/shards.py (shard reader/writer/verifier) and data/shard_tool.py."""
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,16 +8,14 @@ import numpy as np
 import pytest
 import tiktoken
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-ENWIKI = SHARED / "data" / "enwiki"
-TIKTOKEN_CACHE = SHARED / "data" / "gpt2" / "tiktoken_cache"
+from conftest import REPO, enwiki_dir, run_process, tiktoken_cache
+
 sys.path.insert(0, str(REPO / "data"))
 
 import shard_tool  # noqa: E402
 import shards  # noqa: E402
 
-# Token counts published in ../shared/data/enwiki/SOURCE.txt
+# Token counts published in the test data's enwiki/SOURCE.txt
 ENWIKI_SHARDS = {
     "enwiki_val_000000.bin": 10_489_930,
     "enwiki_train_000001.bin": 16_000_000,
@@ -145,7 +142,7 @@ def test_verifier_rejects_out_of_vocabulary_tokens_with_position(tmp_path, monke
 
 def test_verifier_accepts_the_shared_enwiki_shards():
     for name, num_tokens in ENWIKI_SHARDS.items():
-        assert shards.verify_shard(ENWIKI / name) == num_tokens
+        assert shards.verify_shard(enwiki_dir() / name) == num_tokens
 
 
 def test_shard_tool_verify_stops_at_the_first_bad_file(tmp_path, capsys):
@@ -160,18 +157,17 @@ def test_shard_tool_verify_stops_at_the_first_bad_file(tmp_path, capsys):
 
 
 def test_shard_tool_verify_command_line_on_enwiki():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "data" / "shard_tool.py"), "verify", *(str(ENWIKI / n) for n in ENWIKI_SHARDS)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    enwiki = enwiki_dir()
+    result = run_process(
+        [sys.executable, str(REPO / "data" / "shard_tool.py"), "verify", *(str(enwiki / n) for n in ENWIKI_SHARDS)],
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"OK   {ENWIKI / n}: {c:,} tokens" for n, c in ENWIKI_SHARDS.items()]
+    assert result.stdout.splitlines() == [f"OK   {enwiki / n}: {c:,} tokens" for n, c in ENWIKI_SHARDS.items()]
 
 
 def test_shard_tool_info(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tiktoken_cache()))
     enc = tiktoken.get_encoding("gpt2")
     docs = ["The cat sat on the mat.", "The dog sat on the log, the end."]
     tokens = [t for doc in docs for t in [50256] + enc.encode_ordinary(doc)]

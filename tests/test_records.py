@@ -4,7 +4,6 @@ README records table, and an end-to-end run on logs of the real trainer."""
 import json
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from matplotlib.lines import Line2D
 from scipy import stats
 
+from conftest import run_process
 from records import tool  # importable from the repository root, which tests/conftest.py puts on sys.path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -393,8 +393,8 @@ def test_compare_writes_png_and_source_diff(tmp_path, capsys):
 
 def test_script_runs_from_the_command_line(tmp_path):
     log = write_run(tmp_path / "cli.txt", 0, 3.4)
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "records" / "tool.py"), "summary", str(log)],
-                            capture_output=True, text=True, check=True)
+    result = run_process([sys.executable, str(REPO_ROOT / "records" / "tool.py"), "summary", str(log)], timeout=120)
+    assert result.returncode == 0, result.stderr
     assert "3.4000" in result.stdout and "2 x cpu" in result.stdout
 
 

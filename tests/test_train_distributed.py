@@ -1,18 +1,17 @@
 """Multi-rank logic on CPU with gloo: sharded Muon and data-parallel training equal one process."""
 import os
-import subprocess
 import sys
 
 import torch
 
-from conftest import REPO, enwiki_paths, script_command
+from conftest import REPO, run_process, script_command, shard_paths
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 
 
 def launch(nproc: int, *args: str):
-    result = subprocess.run(script_command(WORKER, list(args), nproc), cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_process(script_command(WORKER, list(args), nproc), cwd=REPO, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, f"worker failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
 
 
@@ -31,7 +30,7 @@ def test_muon_sharded_over_two_ranks_equals_single_process(tmp_path):
 
 
 def test_two_ranks_train_like_one_rank_with_twice_the_accumulation(tmp_path):
-    train_files, val_files = enwiki_paths()
+    train_files, val_files = shard_paths()
     args = ["--preset=tiny", "--compile=false", "--num_iterations=4", f"--train_files={train_files}",
             f"--val_files={val_files}", "--muon_momentum_warmup_steps=2", "--num_layers=4",
             "--attention_layout=LS-L", "--value_embed_layout=01-1"]
