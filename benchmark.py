@@ -22,6 +22,7 @@ Sections, top to bottom:
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -45,7 +46,20 @@ import train_gpt as T  # noqa: E402
 # ----------------------------------------------------------------------------------------------------
 # 1. Fixed settings (keep them fixed so results compare across commits)
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "enwiki"
+def default_data() -> tuple[str, str] | str:
+    """(train file, val file) from the tests' one test-data lookup (tests/conftest.py: $SPEEDRUN_TEST_DATA,
+    ../shared/data/enwiki, or FineWeb from data/cached_fineweb10B.py 1): the first shard of each.
+    Returns the lookup's reason instead when it finds no data."""
+    spec = importlib.util.spec_from_file_location("speedrun_test_data", REPO / "tests" / "conftest.py")
+    test_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_data)
+    try:
+        train_files, val_files = test_data.shard_paths()
+    except BaseException as skipped:  # pytest.skip's exception derives from BaseException
+        if type(skipped).__name__ != "Skipped":
+            raise
+        return str(skipped)
+    return str(test_data.first_file(train_files)), str(test_data.first_file(val_files))
 PREDICTED_WORLD_SIZE = 8  # the record's GPU count
 
 
@@ -109,6 +123,7 @@ def metadata(runtime: T.Runtime, command: str, commit_override: str, mode: Mode,
         torch_version=torch.__version__, cuda_version=torch.version.cuda,
         python_version=sys.version.split()[0], git_commit=commit, git_dirty=dirty, command=command,
         mode=mode.name, compile=s.compile, attention_backend=runtime.attention_backend,
+        first_call="compile + first fwd+bwd" if s.compile else "first fwd+bwd (eager, nothing compiled)",
         compute_dtype=str(runtime.compute_dtype).removeprefix("torch."), fp8_head=s.fp8_head,
         cpu_threads=torch.get_num_threads(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
@@ -499,7 +514,7 @@ FIGURES = [
     ("step.fwd_bwd_tokens_per_s", "micro-batch throughput", "tokens/s"),
     ("step.achieved_tflops", "achieved model FLOP/s, fwd+bwd", "TFLOP/s"),
     ("step.mfu_percent", "MFU, fwd+bwd vs the measured matmul ceiling", "%"),
-    ("step.compile_and_first_step_s", "compile + first fwd+bwd", "s"),
+    ("step.compile_and_first_step_s", "{meta[first_call]}", "s"),
     ("step.peak_memory_mib", "peak memory after fwd+bwd (CUDA: allocated; CPU: process RSS)", "MiB"),
     ("step.train_step_ms", "whole train_step, 1 micro-batch, 1 device", "ms"),
     ("step.muon_ms", "Muon step, whole model, 1 device", "ms"),
@@ -512,7 +527,8 @@ FIGURES = [
     ("step.predicted_total_s", "predicted training time, {step[num_iterations]} steps", "s"),
     ("step.predicted_mfu_percent", "predicted MFU per device", "%"),
     ("learning_proxy.initial_val_loss", "learning proxy: val loss at step 0", "nats"),
-    ("learning_proxy.final_val_loss", "learning proxy: final val loss ({learning_proxy[tokens]} tokens)", "nats"),
+    ("learning_proxy.final_val_loss", "learning proxy: final val loss, after {learning_proxy[tokens]} training tokens",
+     "nats"),
     ("learning_proxy.train_time_s", "learning proxy: training time (validation excluded)", "s"),
     ("learning_proxy.wall_s", "learning proxy: wall time (compile, warmup, validation included)", "s"),
 ]
@@ -613,10 +629,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="torch.compile in the CPU mode too (off by default: compile time would dominate)")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads in the CPU mode (default 1: steadier when other processes load the CPUs)")
-    parser.add_argument("--train-files", default=str(DEFAULT_DATA / "enwiki_train_000001.bin"),
-                        help="glob of training shards (default: ../shared/data/enwiki/enwiki_train_000001.bin)")
-    parser.add_argument("--val-files", default=str(DEFAULT_DATA / "enwiki_val_000000.bin"),
-                        help="glob of validation shards (default: ../shared/data/enwiki/enwiki_val_000000.bin)")
+    parser.add_argument("--train-files",
+                        help="glob of training shards (default: the first training shard the tests' data "
+                        "lookup finds, e.g. ../shared/data/enwiki/enwiki_train_000001.bin)")
+    parser.add_argument("--val-files",
+                        help="glob of validation shards (default: the validation shard the tests' data lookup "
+                        "finds, e.g. ../shared/data/enwiki/enwiki_val_000000.bin)")
     parser.add_argument("--commit", default="",
                         help="git commit to record when the tree has no .git (e.g. a copied working tree)")
     parser.add_argument("--skip-proxy", action="store_true", help="leave out the learning proxy")
@@ -645,6 +663,14 @@ def main(argv: list[str], command: str | None = None) -> int:
         mode = dataclasses.replace(mode, trainer_args=(*mode.trainer_args, f"--compile={args.cpu_compile}"))
         torch.set_num_threads(args.cpu_threads)
     out = Path(args.out).resolve()
+    if args.train_files is None or args.val_files is None:
+        found = default_data()
+        if isinstance(found, str):
+            print(f"error: {found.removeprefix('test data missing: ')} (or pass --train-files and --val-files)",
+                  file=sys.stderr)
+            return 2
+        args.train_files = args.train_files or found[0]
+        args.val_files = args.val_files or found[1]
     try:  # fail before any measurement, not after minutes of GPU time
         T.find_shards(args.train_files, "train_files")
         T.find_shards(args.val_files, "val_files")

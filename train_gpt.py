@@ -55,7 +55,9 @@ class Range:
 
     def __str__(self) -> str:
         def end(x):
-            return "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:g}" if isinstance(x, float) else str(x)
+            if math.isinf(x):
+                return "inf" if x > 0 else "-inf"
+            return f"{x:g}" if isinstance(x, float) else str(x)
         return f"{'(' if self.low_open else '['}{end(self.low)}, {end(self.high)}{')' if self.high_open else ']'}"
 
 
@@ -1095,9 +1097,10 @@ def val_train_overlap(s: Settings) -> str | None:
     return None
 
 
-def check_data(s: Settings) -> tuple[list[Path], list[Path], int, Tensor]:
+def check_data(s: Settings, is_main: bool = True) -> tuple[list[Path], list[Path], int, Tensor]:
     """Training files (headers), validation tokens (range-checked) and their overlap, before anything is
-    built. Returns (train files, val files, usable training tokens, validation tokens)."""
+    built; rank 0 (is_main) prints the warning. Returns (train files, val files, usable training tokens,
+    validation tokens)."""
     train_files = find_shards(s.train_files, "train_files")
     val_files = find_shards(s.val_files, "val_files")
     usable_train_tokens = check_train_files(train_files, s.train_batch_tokens)
@@ -1106,7 +1109,7 @@ def check_data(s: Settings) -> tuple[list[Path], list[Path], int, Tensor]:
     if overlap and not s.allow_val_in_train:
         raise DataError(f"{overlap}, so the validation loss would measure memorisation; use separate files, "
                         "or --allow_val_in_train=true to run anyway")
-    if overlap:
+    if overlap and is_main:
         print(f"warning: {overlap}; the validation loss measures memorisation", file=sys.stderr, flush=True)
     return train_files, val_files, usable_train_tokens, val_tokens
 
@@ -1216,7 +1219,7 @@ class NonFiniteLossWatch:
 def train(s: Settings, runtime: Runtime):
     if runtime.grad_accum_steps * runtime.world_size * s.train_seq_len != s.train_batch_tokens:
         raise ValueError("runtime was resolved for other settings: call resolve_runtime with these settings")
-    train_files, val_files, usable_train_tokens, val_tokens = check_data(s)
+    train_files, val_files, usable_train_tokens, val_tokens = check_data(s, runtime.is_main)
 
     raw_model = build_model(s, runtime)
     model = torch.compile(raw_model, dynamic=False) if s.compile else raw_model

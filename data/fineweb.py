@@ -8,7 +8,9 @@ exactly --shard_size tokens except the last. The first shard is the validation s
 (<prefix>_val_000000.bin), then come the training shards (<prefix>_train_000001.bin, ...).
 Documents continue across training-shard boundaries as in llm.c, so no tokens are wasted. The one
 document cut by the end of the validation shard is not continued in the first training shard: its
-remaining tokens are dropped, so no validation text is ever trained on.
+remaining tokens are dropped, so no validation text is ever trained on. A corpus smaller than one
+shard is split at a document boundary instead: the first documents holding at least 10% of its
+tokens become the validation shard, the rest the training shard (a single document is an error).
 
 Local input formats (a trailing .gz is decompressed on the fly; directories are read recursively,
 files in sorted order):
@@ -39,6 +41,7 @@ DATA_DIR = Path(__file__).resolve().parent
 DOC_SEPARATOR = "<|endoftext|>"
 WIKI_DOC_OPENINGS = ("<doc ", "<doc>")  # WikiExtractor: <doc id=".." url=".." title="..">
 INPUT_FORMATS = ("txt", "jsonl", "wiki")
+VAL_FRACTION = 0.1  # validation share of a corpus smaller than one shard
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,7 @@ class ShardWriter:
         self.num_documents = 0
         self.num_tokens = 0
         self.dropped_tokens = 0  # tail of the document cut by the end of the validation shard
+        self.small_corpus_split = None  # (validation documents, validation tokens) when the corpus < one shard
         self.progress = tqdm(unit="tok", unit_scale=True, desc="tokenizing", postfix="0 shards written")
 
     def _next_name(self) -> str:
@@ -237,9 +241,32 @@ class ShardWriter:
         self.progress.set_postfix_str(f"{len(self.paths)} shards written")
 
     def close(self) -> None:
-        if self.filled:
+        if self.filled and not self.paths:
+            self._split_small_corpus()
+        elif self.filled:
             self._write()
         self.progress.close()
+
+    def _split_small_corpus(self) -> None:
+        """The whole corpus is smaller than one shard: rather than a validation shard and no training data,
+        the validation shard gets the first whole documents holding at least VAL_FRACTION of the tokens
+        and the training shard the rest (no document is cut, so no token is dropped)."""
+        tokens = self.buffer[: self.filled]
+        starts = np.flatnonzero(tokens == EOT)  # every document starts with <|endoftext|>
+        later = starts[starts >= max(1, int(np.ceil(VAL_FRACTION * len(tokens))))]
+        if len(later) == 0:
+            raise InputError(
+                f"the corpus holds {len(tokens):,} tokens in {len(starts)} document(s): too few documents to leave "
+                "training data after the validation shard; add more text"
+            )
+        cut = int(later[0])
+        self.small_corpus_split = (int(np.sum(starts < cut)), cut)
+        train_part = tokens[cut:].copy()
+        self.filled = cut
+        self._write()
+        self.buffer[: len(train_part)] = train_part
+        self.filled = len(train_part)
+        self._write()
 
 
 def tokenize_to_shards(
@@ -342,8 +369,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"dropped the last {result.dropped_tokens:,} tokens of the document cut by the end of the validation shard"
         )
-    if len(result.paths) == 1:
-        print(f"warning: all tokens went into the validation shard; use a --shard_size below {result.num_tokens:,}")
+    if result.small_corpus_split:
+        documents, val_tokens = result.small_corpus_split
+        print(
+            f"note: the corpus is smaller than --shard_size={args.shard_size:,} tokens, so the validation shard holds "
+            f"its first {documents:,} document(s) ({val_tokens:,} tokens, at least {VAL_FRACTION:.0%}) and the "
+            f"training shard the other {result.num_tokens - val_tokens:,} tokens"
+        )
     return 0
 
 

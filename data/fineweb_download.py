@@ -110,13 +110,26 @@ def download_shards(dataset: HubDataset, num_train_shards: int, local_dir, endpo
             f"asked for {num_train_shards}, choose a number from 0 to {dataset.num_train_shards}"
         )
     local_dir = Path(local_dir)
+    created = [folder for folder in [local_dir, *local_dir.parents] if not folder.exists()]  # deepest first
     local_dir.mkdir(parents=True, exist_ok=True)
     names = dataset.shard_names(num_train_shards)
     downloaded = 0
-    with tqdm(names, desc=f"{dataset.repo_id} shards", unit="file") as progress:
-        for name in progress:
+    progress = tqdm(total=len(names), desc=f"{dataset.repo_id} shards", unit="file")
+    try:
+        for name in names:
             downloaded += fetch_shard(dataset.repo_id, name, local_dir, endpoint)
-    # Everything was moved out of the staging folder; what remains is download bookkeeping.
+            progress.update(1)
+    except BaseException:
+        progress.leave = False  # clear the bar instead of printing it a second time above the error
+        progress.close()
+        # Everything was moved out of the staging folder; what remains is download bookkeeping. Folders
+        # this call created go too when they hold nothing (earlier shards that arrived are kept).
+        shutil.rmtree(local_dir / STAGING_DIR_NAME, ignore_errors=True)
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    progress.close()
     shutil.rmtree(local_dir / STAGING_DIR_NAME, ignore_errors=True)
     print(
         f"{len(names)} shards ready in {local_dir} ({downloaded} downloaded, {len(names) - downloaded} already present)"

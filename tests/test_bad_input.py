@@ -154,7 +154,7 @@ def test_token_rule_is_the_same_in_the_trainer_and_the_data_tools(tmp_path):
                 shards.verify_shard(path, vocab_size)
             except shards.ShardError as error:
                 data_error = str(error)
-            assert (trainer_error is None) == (data_error is None), f"{name}, {vocab_size}: {trainer_error} / {data_error}"
+            assert (trainer_error is None) == (data_error is None), (name, vocab_size, trainer_error, data_error)
             if trainer_error:  # both name the same first offending token and position
                 token, position = re.search(r"token (?:id )?(\d+) at position ([\d,]+)", trainer_error).groups()
                 assert f"token {token} at position {position}" in data_error

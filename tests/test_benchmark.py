@@ -281,3 +281,15 @@ def test_metadata_names_device_torch_commit_and_command(report):
         assert f"cpu, torch {torch.__version__}, commit {meta['git_commit']}" in line
     assert f"`{meta['command']}`" in text
     assert re.search(r"^- device: \*\*cpu\*\*", text, re.MULTILINE)
+
+
+def test_labels_say_what_was_measured(report):
+    """No compile in the CPU mode: the first-call row must not claim one; the proxy's token count is
+    the training tokens it saw."""
+    results, markdown, _ = report
+    assert results["meta"]["compile"] is False
+    assert "first fwd+bwd (eager, nothing compiled)" in markdown and "compile + first" not in markdown
+    tokens = results["learning_proxy"]["tokens"]
+    assert tokens == results["learning_proxy"]["settings"]["train_batch_tokens"] * results["learning_proxy"][
+        "settings"]["num_iterations"]
+    assert f"final val loss, after {tokens} training tokens" in markdown

@@ -200,4 +200,15 @@ def test_entry_point_reports_unreachable_hub(tmp_path):
         "error: could not fetch finewebedu_val_000000.bin from kjj0/finewebedu10B-gpt2 at http://127.0.0.1:"
     )
     assert "check the network connection" in error_line
-    assert list(dest.glob("*.bin")) == []
+    assert not dest.exists(), "a failed download removes the folder it created"
+    assert result.stderr.count("shards:") == 1, "one progress bar, not a second one above the error"
+
+
+def test_failed_download_removes_only_the_folders_it_created(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for dest in (existing, tmp_path / "new" / "fineweb10B"):
+        with pytest.raises(DownloadError, match="could not fetch tiny_val_000000.bin"):
+            download_shards(TINY, 1, dest, endpoint=closed_port_url())
+    assert existing.is_dir() and list(existing.iterdir()) == []
+    assert not (tmp_path / "new").exists()

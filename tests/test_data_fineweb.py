@@ -90,8 +90,9 @@ def test_reproduces_the_published_enwiki_shard(tmp_path):
     # The shared enwiki_train_000001.bin starts with wiki_00, wiki_01, ... with documents under 200 characters dropped.
     sources = [enwiki_dir() / "text" / "wiki_00.gz", enwiki_dir() / "text" / "wiki_01.gz"]
     assert tokenize([*sources, "--output_dir", tmp_path, "--min_chars", "200", "--shard_size", 10**6]) == 0
-    (only_shard,) = shard_paths(tmp_path, tmp_path.name)
-    ours = shards.read_tokens(only_shard)
+    # Smaller than one shard, so split into validation and training at a document boundary: together
+    # they are the whole stream.
+    ours = np.concatenate([shards.read_tokens(path) for path in shard_paths(tmp_path, tmp_path.name)])
     published = shards.read_tokens(enwiki_dir() / "enwiki_train_000001.bin")
     assert len(ours) > 400_000
     assert np.array_equal(ours, published[: len(ours)])
@@ -140,9 +141,9 @@ def test_jsonl_and_plain_text_inputs_plain_and_gzipped(tmp_path):
     ]
     out = tmp_path / "out"
     assert tokenize([inputs, "--output_dir", out, "--workers", 2]) == 0
-    (val,) = shard_paths(out, "out")
     enc = encoder()
-    assert shards.read_tokens(val).tolist() == [t for doc in expected for t in [EOT] + enc.encode_ordinary(doc)]
+    ours = [t for path in shard_paths(out, "out") for t in shards.read_tokens(path).tolist()]  # val + train
+    assert ours == [t for doc in expected for t in [EOT] + enc.encode_ordinary(doc)]
 
 
 def test_shards_split_exactly_at_shard_size(tmp_path, capsys):
@@ -168,10 +169,36 @@ def test_shards_split_exactly_at_shard_size(tmp_path, capsys):
 
 
 def test_text_field_option_and_format_override(tmp_path):
-    source = write_text(tmp_path / "notes.md", jsonl([{"content": "Markdown file holding JSON lines."}]))
+    texts = ["Markdown file holding JSON lines.", "A second document."]
+    source = write_text(tmp_path / "notes.md", jsonl([{"content": text} for text in texts]))
     assert tokenize([source, "--output_dir", tmp_path / "out", "--format", "jsonl", "--text_field", "content"]) == 0
-    tokens = shards.read_tokens(tmp_path / "out" / "out_val_000000.bin").tolist()
-    assert tokens == [EOT] + encoder().encode_ordinary("Markdown file holding JSON lines.")
+    for name, text in zip(["out_val_000000.bin", "out_train_000001.bin"], texts):
+        assert shards.read_tokens(tmp_path / "out" / name).tolist() == [EOT] + encoder().encode_ordinary(text)
+
+
+def test_a_corpus_smaller_than_one_shard_leaves_training_data(tmp_path, capsys):
+    """The first whole documents holding >= 10% of the tokens validate, the rest trains; nothing is dropped."""
+    texts = [f"Document number {i} says something about topic {i % 7}. " * (1 + i % 5) for i in range(40)]
+    source = write_text(tmp_path / "docs.jsonl", jsonl({"text": t} for t in texts))
+    assert tokenize([source, "--output_dir", tmp_path / "out"]) == 0  # default shard size: 100M tokens
+    stream = [[EOT] + encoder().encode_ordinary(t) for t in texts]
+    total = sum(map(len, stream))
+    val_documents = next(n for n in range(1, 41) if sum(map(len, stream[:n])) >= 0.1 * total)
+    val = [t for doc in stream[:val_documents] for t in doc]
+    assert shards.read_tokens(tmp_path / "out" / "out_val_000000.bin").tolist() == val
+    train = shards.read_tokens(tmp_path / "out" / "out_train_000001.bin").tolist()
+    assert train == [t for doc in stream[val_documents:] for t in doc]
+    out = capsys.readouterr().out
+    assert f"validation shard holds its first {val_documents} document(s) ({len(val):,} tokens" in out
+    assert f"training shard the other {len(train):,} tokens" in out
+
+
+def test_a_single_small_document_is_a_one_line_error(tmp_path, capsys):
+    source = write_text(tmp_path / "one.txt", "Only one short document.")
+    assert tokenize([source, "--output_dir", tmp_path / "out"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert error.startswith("error: ") and "in 1 document(s): too few documents" in error and "add more text" in error
+    assert list((tmp_path / "out").glob("*.bin")) == []
 
 
 @pytest.mark.parametrize(
