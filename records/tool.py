@@ -299,9 +299,13 @@ def _read_body(path: Path, lines: list[str], body_start: int, keep_steps: bool, 
                         f"{path}:{line_number}: step {step_line.step} comes after step {last.step}; "
                         f"steps must not decrease within one run"
                     )
-                # A resumed run repeats the steps after its checkpoint: the later lines replace them.
-                replaced = sum(1 for line in kept if line.step >= step_line.step)
-                kept = [line for line in kept if line.step < step_line.step]
+                # A resumed run repeats the steps after its checkpoint: the later lines replace them (a
+                # repeated val line replaces only the val line of its step).
+                repeated_val = step_line.val_loss is not None
+                kept_before = len(kept)
+                kept = [line for line in kept if line.step < step_line.step
+                        or (line.step == step_line.step and repeated_val and line.val_loss is None)]
+                replaced = kept_before - len(kept)
                 notes.append(Note(line_number, f"resumed at step {step_line.step} after step {last.step} "
                                                f"(marker on line {resume_marker}); {replaced} kept step line(s) "
                                                f"of the interrupted attempt replaced"))

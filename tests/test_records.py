@@ -521,3 +521,320 @@ def test_real_trainer_logs_through_all_commands(tiny_run_logs, tmp_path, capsys)
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
     assert "is identical" in output
     assert "not reached" not in output  # both runs end below max(final losses) + 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public log layouts of every era (synthetic: the layouts of the public record logs, 2024 to 2026)
+
+ERAS = ["ours", "2024_three_separators", "2024_four_separators", "2025_record21", "2026_status_lines",
+        "optimization_track", "optimization_harness"]
+
+
+def era_log(era, final_loss=3.2781, total_steps=40, seed=0, source="import torch\nprint('train')"):
+    """Lines of a finished run in one era's layout, and what the reader must return for it."""
+    rng = np.random.default_rng(seed)
+    steps = make_steps(total_steps, 10, final_loss, rng, train_loss=era.startswith("2024"))
+    notes = []
+    peak = "peak memory allocated: 30012 MiB reserved: 31000 MiB"
+    device = f"8 x {GPU_NAME}"
+    if era == "ours":
+        environment, device = our_environment({"num_iterations": total_steps}), "2 x cpu"
+        header = [SEPARATOR, *environment, SEPARATOR]
+    elif era.startswith("2024"):
+        # Three or four separators: source / nvidia-smi / data-loader info (/ hyperparameters).
+        header = [SEPARATOR, *public_environment(8), SEPARATOR,
+                  "Training DataLoader: total number of tokens: 1800000000 across 18 files",
+                  "Validation DataLoader: total number of tokens: 100000000 across 1 files", SEPARATOR]
+        if era == "2024_four_separators":
+            header += ["num_iterations=40 warmup_iters=0 cooldown_iters=12", SEPARATOR]
+        peak = "peak memory consumption: 37858 MiB"
+    elif era == "2025_record21":
+        header = [SEPARATOR, *public_environment(8), SEPARATOR]
+    elif era == "2026_status_lines":
+        header = [SEPARATOR, *public_environment(8)[:2], "Running Triton version 3.6.0",
+                  *public_environment(8)[2:], SEPARATOR]
+        notes = ["Compiling model and warming up kernels (~7 minutes on first execution)",
+                 "Sampling steps [0, 1, 13, 14, 26, 27] for warmup", "Warmup step 1/10", "Resetting Model",
+                 "scalars: torch.Size([64]) torch.float32 1.0 5.0",
+                 "embed.weight: torch.Size([50304, 768]) torch.bfloat16 -4.1 4.3",
+                 "Created 22 gradient buckets", "Bucket 0: 1 params, 147.4 MB",
+                 "inductor_output_code: /tmp/torchinductor_root/ab/cabcdef.py",
+                 "Parameter containing:", "tensor([1., 1., 1., 1.], device='cuda:0', requires_grad=True)", "0.5"]
+    else:  # the optimization track: seconds, five-decimal losses, the device on one line, no peak memory
+        device = "8 x NVIDIA H200"
+        header = [SEPARATOR, "Running PyTorch 2.11.0+cu130 compiled for CUDA 13.0",
+                  "Running on device_name=NVIDIA H200 with world_size=8", "Using seed=1", SEPARATOR]
+        peak = None
+        if era == "optimization_harness":
+            notes = ["trial:1/25 seed:0", "config data_dir=/data/fineweb10B train_steps=40", "Using seed=1"]
+    body = [format_step_line(line, total_steps) for line in steps]
+    if era.startswith("2024"):
+        # step_avg is NaN until timing starts, and train_time restarts after 10 untimed warmup steps.
+        body = [line.replace(f"step_avg:{step.step_avg_ms:.2f}ms", "step_avg:nanms") if step.step <= 11 else line
+                for line, step in zip(body, steps)]
+        body = [line.replace(f"train_time:{step.train_time_ms}ms", f"train_time:{step.train_time_ms + 44000}ms")
+                if 1 <= step.step <= 10 else line for line, step in zip(body, steps)]
+    if era.startswith("optimization"):
+        body = [re.sub(r"train_time:(\d+)ms", lambda m: f"train_time:{int(m[1]) / 1000:.3f}s", line)
+                .replace(f"val_loss:{step.val_loss or 0:.4f}", f"val_loss:{step.val_loss or 0:.5f}")
+                for line, step in zip(body, steps)]
+    lines = [*source.split("\n"), *header, *notes[:len(notes) // 2], *body[:3], *notes[len(notes) // 2:], *body[3:]]
+    if peak:
+        lines.append(peak)
+    expected = dict(final=final_loss, time_ms=steps[-1].train_time_ms, steps=total_steps, device=device,
+                    notes=len(notes), source=source, val_steps=[line.step for line in steps if line.val_loss])
+    return lines, expected
+
+
+@pytest.mark.parametrize("era", ERAS)
+@pytest.mark.parametrize("keep_steps", [True, False])
+def test_reader_reads_every_era(tmp_path, era, keep_steps):
+    source = f"import torch\n# a rule inside the source\n{'=' * 100}\nprint('train')"
+    lines, expected = era_log(era, source=source)
+    log = tool.read_log(write_lines(tmp_path / f"{era}.txt", lines), keep_steps=keep_steps)
+    assert log.final_val_loss == pytest.approx(expected["final"])
+    assert log.training_time_ms == pytest.approx(expected["time_ms"])
+    assert (log.last_step, log.total_steps, log.is_complete) == (expected["steps"], expected["steps"], True)
+    assert log.device == expected["device"]
+    assert log.note_count == expected["notes"] and len(log.notes) == expected["notes"]
+    assert log.source_code == expected["source"]
+    assert [line.step for line in log.val_steps] == expected["val_steps"]
+    assert len(log.steps) == (expected["steps"] + len(expected["val_steps"]) if keep_steps
+                              else len(expected["val_steps"]))
+    if era.startswith("2024") and keep_steps:
+        assert math.isnan(log.steps[1].step_avg_ms) and log.steps[1].train_loss is not None
+        assert log.peak_memory_allocated_mib == 37858
+    assert not any("Running" in line for line in log.source_code.split("\n"))
+
+
+def test_summary_lists_notes(tmp_path, capsys):
+    lines, _ = era_log("2026_status_lines")
+    path = write_lines(tmp_path / "status.txt", lines)
+    assert tool.main(["summary", str(path), "--notes"]) == 0
+    output = capsys.readouterr().out
+    assert "| 12 |" in output.replace(" ", "").replace("|12|", "| 12 |")
+    assert f"{path}:{lines.index('Resetting Model') + 1}: 'Resetting Model'" in output
+
+
+def test_reader_ignores_a_cut_last_line(tmp_path):
+    lines, expected = era_log("ours")
+    text = "\n".join(lines[:-2]) + "\n" + "step:40/40 val_loss:3.27"  # cut inside the final val loss
+    path = tmp_path / "cut.txt"
+    path.write_text(text, encoding="utf-8")
+    log = tool.read_log(path)
+    assert not log.is_complete and log.status == "incomplete (last step 40/40)"
+    assert log.final_val_loss != pytest.approx(3.27)
+    assert any("no newline" in note.text and "3.27" in note.text for note in log.notes)
+    # Cut inside train_time:974 must not report 0.97 s.
+    path.write_text("\n".join(lines[:-3]) + "\nstep:40/40 train_time:974", encoding="utf-8")
+    log = tool.read_log(path)
+    assert log.training_time_ms == expected["time_ms"] - (expected["time_ms"] - log.steps[-1].train_time_ms)
+    assert log.last_step == 39 and log.training_time_ms > 974
+
+
+def test_reader_treats_a_resumed_run_as_one_run(tmp_path):
+    lines, expected = era_log("ours")
+    start = body_start(lines)
+    # Continuing after a marker line: one run, the marker a note.
+    marked = [*lines[:start + 20], "resumed from logs/run/checkpoint_step000018.pt", *lines[start + 20:]]
+    log = tool.read_log(write_lines(tmp_path / "marker.txt", marked))
+    assert log.is_complete and log.final_val_loss == pytest.approx(expected["final"]) and log.note_count == 1
+    # Steps repeated after the marker replace those of the interrupted attempt.
+    repeated = [*lines[:start + 30], "resumed from step 20", *lines[start + 23:]]
+    log = tool.read_log(write_lines(tmp_path / "repeat.txt", repeated))
+    assert log.is_complete and [line.step for line in log.steps] == [line.step for line in tool.read_log(
+        write_lines(tmp_path / "plain.txt", lines)).steps]
+    assert any("resumed at step" in note.text for note in log.notes)
+    # Without the marker, going back is still an error.
+    with pytest.raises(tool.LogError, match="steps must not decrease"):
+        tool.read_log(write_lines(tmp_path / "back.txt", [*lines[:start + 30], *lines[start + 22:]]))
+
+
+def test_step_lines_with_unknown_text_fields_are_read(tmp_path):
+    lines, expected = era_log("ours")
+    start = body_start(lines)
+    lines[start + 5] += " lr:[0.1,0.2] note"
+    log = tool.read_log(write_lines(tmp_path / "fields.txt", lines))
+    assert log.is_complete and log.note_count == 1 and "2 step-line field(s)" in log.notes[0].text
+
+
+def write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def test_mixed_tree_reports_every_bad_log_and_summarises_the_good(tmp_path, capsys):
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    good = {}
+    for index, era in enumerate(ERAS):
+        lines, expected = era_log(era, final_loss=3.27 + index / 1000, seed=index)
+        good[write_lines(tree / "sub" / f"{era}.txt", lines)] = expected
+    lines, _ = era_log("2025_record21")
+    latin1_source = write_bytes(tree / "latin1_source.txt", "\n".join(lines).encode().replace(
+        b"print('train')", b"print('caf\xe9')") + b"\n")
+    cut = write_bytes(tree / "cut_in_number.txt", "\n".join(lines[:-3]).encode() + b"\nstep:40/40 train_time:97")
+    crashed = write_lines(tree / "crashed.txt", [*lines[:body_start(lines) + 25], "Traceback (most recent call last):",
+                                                 "torch.OutOfMemoryError: CUDA out of memory."])
+    empty = write_bytes(tree / "empty.txt", b"")
+    binary = write_bytes(tree / "binary.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    body_byte = "\n".join(lines).encode()
+    offset = body_byte.index(b"Running Python")
+    latin1_body = write_bytes(tree / "latin1_env.txt", body_byte[:offset] + b"Running Python \xff" +
+                              body_byte[offset + len(b"Running Python "):] + b"\n")
+    no_separator = write_lines(tree / "notes.txt", ["just some notes", "step:1/2 train_time:3ms"])
+
+    exit_code = tool.main(["summary", str(tree / "**" / "*.txt")])
+    captured = capsys.readouterr()
+    assert exit_code == 2
+    for path, expected in good.items():
+        row = next(line for line in captured.out.splitlines() if line.startswith(f"| {path} "))
+        assert f"{expected['final']:.4f}" in row and expected["device"] in row
+    for path in (latin1_source, cut, crashed):
+        assert f"| {path} " in captured.out
+    assert "incomplete (last step 39/40)" in captured.out.split(str(cut))[1].split("\n")[0]
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert sorted(errors) == sorted([
+        f"error: {empty}:1: empty file; not a log",
+        f"error: {binary}:3: binary data (NUL byte at byte offset 8); not a text log",
+        f"error: {latin1_body}:{lines.index(public_environment(8)[0]) + 1}: not UTF-8 text (byte 0xff at byte "
+        f"offset {offset + len(b'Running Python ')}); a log is UTF-8 after its embedded source",
+        f"error: {no_separator}:2: log has 0 of the at least 2 separator lines ('=' * 100) that close the source "
+        f"code and the environment; is it truncated or not a log?",
+    ])
+    log = tool.read_log(latin1_source)
+    assert log.is_complete and "caf\ufffd" in log.source_code and "non-UTF-8" in log.notes[0].text
+    assert tool.read_log(crashed).note_count == 2
+
+
+def test_progress_bar_for_many_logs(tmp_path, capsys):
+    for seed in range(tool.PROGRESS_BAR_MIN_FILES + 1):
+        write_run(tmp_path / f"run{seed:02d}.txt", seed, 3.3, total_steps=4, val_every=2)
+    assert tool.main(["summary", str(tmp_path)]) == 0
+    assert "reading logs" in capsys.readouterr().err
+    assert tool.main(["summary", str(tmp_path / "run0*.txt")]) == 0
+    assert "reading logs" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# The three tracks' tests
+
+
+@pytest.mark.parametrize("runs", [1, 3, 8])
+def test_z_test_matches_the_formula(runs):
+    losses = list(np.random.default_rng(runs).normal(3.2785, 0.0013, size=runs))
+    for target, sigma in ((3.28, 0.0013), (3.279, 0.002)):
+        z = (target - np.mean(losses)) * math.sqrt(runs) / sigma
+        result = tool.significance_test(losses, target, test="z", sigma=sigma)
+        assert result.statistic == pytest.approx(z)
+        assert result.p_value == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)))  # the normal upper tail
+        assert result.level == 0.001 and result.passed == (result.p_value < 0.001)
+
+
+def test_significance_optimization_track_reports_steps_and_time(tmp_path, capsys):
+    finals = [3.2779, 3.2775, 3.2781, 3.2770]
+    for index, final in enumerate(finals):
+        write_lines(tmp_path / f"opt{index}.txt", era_log("optimization_harness", final_loss=final, seed=index)[0])
+    exit_code = tool.main(["significance", str(tmp_path), "--track", "optimization"])
+    output = capsys.readouterr().out
+    z = (3.28 - np.mean(finals)) * 2 / 0.0013
+    p = 0.5 * math.erfc(z / math.sqrt(2))
+    assert exit_code == (0 if p < 0.001 else 1)
+    assert f"z-test of mean < 3.28 with sigma 0.0013: z = {z:.3f}, p = {p:.3g}" in output
+    assert "steps: mean 40.0, min 40, max 40" in output and "training time: mean" in output
+
+
+def test_significance_leaves_out_incomplete_runs_with_one_line(tmp_path, capsys):
+    finals = [3.2781, 3.2769, 3.2775]
+    for seed, final in enumerate(finals):
+        write_run(tmp_path / f"run{seed}.txt", seed, final)
+    steps = make_steps(20, 5, 4.0, np.random.default_rng(3))[:9]
+    write_lines(tmp_path / "partial.txt", log_lines(steps, 20, our_environment({}))[:-1])
+    assert tool.main(["significance", str(tmp_path)]) == 0
+    output = capsys.readouterr().out
+    assert f"not counted: {tmp_path / 'partial.txt'}: the run stopped at step {steps[-1].step} of 20 before its " \
+           f"final validation\n" in output
+    assert "runs: 3" in output
+    assert f"p = {stats.ttest_1samp(finals, 3.28, alternative='less').pvalue:.3g}" in output
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compare: the zoomed plot, incomplete runs, logs without a val line
+
+
+def zoom_run(tmp_path, name, final_loss, total_steps=200, ms_per_step=100.0, cut_at=None):
+    rng = np.random.default_rng(len(name))
+    steps = make_steps(total_steps, 10, final_loss, rng, ms_per_step=ms_per_step)
+    if cut_at is not None:
+        steps = [line for line in steps if line.step <= cut_at]
+    path = write_lines(tmp_path / f"{name}.txt", log_lines(steps, total_steps, our_environment({}))[:None])
+    return tool.build_run_set(name, [tool.read_log(path)])
+
+
+def test_zoomed_plot_shows_the_decision(tmp_path):
+    runs = [zoom_run(tmp_path, "a", 3.2780), zoom_run(tmp_path, "b", 3.2820, ms_per_step=96.0)]
+    figure = tool.plot_runs(runs, target=3.28)
+    figure.canvas.draw()
+    zoom = figure.get_axes()[2]
+    target_lines = [line for line in zoom.get_lines() if line.get_gid() == "target"]
+    assert len(target_lines) == 1 and target_lines[0].get_linestyle() == "--"
+    assert list(target_lines[0].get_ydata()) == [3.28, 3.28]
+    low, high = zoom.get_ylim()
+    assert low == pytest.approx(3.23) and high == pytest.approx(3.58)
+    assert zoom.get_yticklabels() and all(label.get_text() for label in zoom.get_yticklabels())
+    crossings = [line for line in zoom.get_lines() if line.get_gid() == "crossing"]
+    expected = tool.time_to_reach(list(runs[0].val_times_ms), list(runs[0].val_losses), 3.28) / 1000
+    assert len(crossings) == 1 and crossings[0].get_xdata()[0] == pytest.approx(expected)  # b never reaches
+    # Runs that end 0.004 apart are clearly apart in the saved image.
+    end_points = [zoom.transData.transform((run.val_times_ms[-1] / 1000, run.val_losses[-1])) for run in runs]
+    assert abs(end_points[0][1] - end_points[1][1]) > 6
+    left, right = zoom.get_xlim()
+    assert all(left <= run.val_times_ms[-1] / 1000 <= right for run in runs)
+
+
+def test_compare_draws_incomplete_runs_and_names_logs_without_val(tmp_path, capsys):
+    complete = zoom_run(tmp_path, "complete", 3.27, total_steps=40)
+    partial_steps = make_steps(40, 10, 3.27, np.random.default_rng(5))[:25]
+    partial = write_lines(tmp_path / "partial.txt", log_lines(partial_steps, 40, our_environment({}))[:-1])
+    no_val = write_lines(tmp_path / "noval.txt", log_lines(make_steps(40, 10, 3.27, np.random.default_rng(6))[1:5],
+                                                             40, our_environment({}))[:-1])
+    plot = tmp_path / "plot.png"
+    args = ["compare", str(complete.logs[0].path), str(partial), str(no_val), "--plot", str(plot)]
+    assert tool.main(args) == 2
+    captured = capsys.readouterr()
+    assert f"error: {no_val}: no val_loss line (the run stopped before its first validation)" in captured.err
+    assert "mismatched" not in captured.err
+    assert f"incomplete (last step {partial_steps[-1].step}/40)" in captured.out
+    assert plot.read_bytes().startswith(PNG_SIGNATURE)
+    run = tool.build_run_set("partial", [tool.read_log(partial)])
+    figure = tool.plot_runs([complete, run])
+    for panel in figure.get_axes():
+        dashed = [line for line in panel.get_lines() if line.get_label().startswith("partial (incomplete")]
+        assert len(dashed) == 1 and dashed[0].get_linestyle() == "--"
+        assert [line.get_gid() for line in panel.get_lines()].count("incomplete-end") == 1
+
+
+def test_table_title_only_from_the_top_heading(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("\n# Faster Muon\n\n```bash\n# run it like this\n```\n", encoding="utf-8")
+    assert tool.record_title(readme) == "Faster Muon"
+    readme.write_text("Results below.\n\n```bash\n# torchrun ...\n```\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no '# ' heading at the top"):
+        tool.record_title(readme)
+    readme.write_text("```\n# comment\n```\n# Title\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no '# ' heading at the top"):
+        tool.record_title(readme)
+
+
+def test_table_reports_every_bad_record_and_changes_nothing(tmp_path, capsys):
+    records_dir = tmp_path / "records"
+    make_record(records_dir, "2026-01-02_Good", "Good", [3.2801, 3.2772])
+    bad = make_record(records_dir, "2026-01-03_Bad", "Bad", [3.2801, 3.2772])
+    (bad / "run0.txt").write_bytes(b"")
+    (bad / "README.md").write_text("no title\n", encoding="utf-8")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{tool.TABLE_BEGIN}\nold\n{tool.TABLE_END}\n", encoding="utf-8")
+    assert tool.main(["table", "--readme", str(readme), "--records-dir", str(records_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "no '# ' heading at the top" in err
+    assert readme.read_text(encoding="utf-8").count("old") == 1
