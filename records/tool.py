@@ -571,24 +571,25 @@ def plot_runs(run_sets: list[RunSet], target: float = TRACKS["small"].target) ->
     FigureCanvasAgg(figure)
     panels = figure.subplot_mosaic([["step", "time"], ["zoom", "zoom"]], height_ratios=[1, 1.5])
     by_step, by_time, zoom = panels["step"], panels["time"], panels["zoom"]
-    for run in run_sets:
+    for index, run in enumerate(run_sets):
         times_s = np.array(run.val_times_ms) / 1000
         complete = not run.incomplete
         style = dict(marker=".", linestyle="-" if complete else "--")
-        label = run.label if complete else f"{run.label} ({run.status})"
+        label = run.label if complete else f"{run.label}, {run.status}"
         color = by_step.plot(run.val_steps, run.val_losses, label=label, **style)[0].get_color()
         by_time.plot(times_s, run.val_losses, label=label, color=color, **style)
-        zoom.plot(times_s, run.val_losses, label=label, color=color, **style)
+        crossing = time_to_reach(list(run.val_times_ms), list(run.val_losses), target)
+        reached = "not reached" if crossing is None else f"reached at {crossing / 1000:.2f} s"
+        # The zoom's legend carries the figures, so curves ending a few pixels apart stay legible.
+        zoom.plot(times_s, run.val_losses, color=color, label=f"{label}: final {run.val_losses[-1]:.4f}, "
+                                                                f"{target:g} {reached}", **style)
         if not complete:
             for axes, x in ((by_step, run.val_steps[-1]), (by_time, times_s[-1]), (zoom, times_s[-1])):
                 axes.plot([x], [run.val_losses[-1]], marker="x", markersize=10, color=color, gid="incomplete-end")
-        zoom.annotate(f"{run.val_losses[-1]:.4f}", (times_s[-1], run.val_losses[-1]), xytext=(6, 0),
-                      textcoords="offset points", va="center", color=color, fontsize=9, annotation_clip=True)
-        crossing = time_to_reach(list(run.val_times_ms), list(run.val_losses), target)
         if crossing is not None:
             zoom.axvline(crossing / 1000, color=color, linestyle=":", linewidth=1)
             zoom.plot([crossing / 1000], [target], marker="o", markersize=7, color=color, gid="crossing")
-            zoom.annotate(f"{crossing / 1000:.2f} s", (crossing / 1000, target), xytext=(4, -14),
+            zoom.annotate(f"{crossing / 1000:.2f} s", (crossing / 1000, target), xytext=(4, -14 - 12 * index),
                           textcoords="offset points", color=color, fontsize=9)
     for axes, x_label in ((by_step, "step"), (by_time, "training time (s)")):
         # Log scale keeps the final approach to the target readable next to the initial ~10.8.
@@ -625,7 +626,7 @@ def _zoom_time_range(run_sets: list[RunSet], top: float) -> tuple[float, float]:
     start = min((entry for entry in entries if entry is not None), default=0.0) / 1000
     end = max(run.val_times_ms[-1] for run in run_sets) / 1000
     pad = 0.04 * max(end - start, 1e-9)
-    return start - pad, end + 2.5 * pad  # room on the right for the final-loss labels
+    return start - pad, end + pad
 
 
 # ----------------------------------------------------------------------------------------------------

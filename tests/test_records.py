@@ -371,8 +371,9 @@ def test_plot_has_one_curve_per_run_in_each_panel(tmp_path, run_count):
     assert len(panels) == 3  # vs step, vs time, zoom on the target
     labels = [run.label for run in run_sets]
     for panel in panels:
-        curves = [line for line in panel.get_lines() if isinstance(line, Line2D) and line.get_label() in labels]
-        assert [curve.get_label() for curve in curves] == labels
+        curves = [line for line in panel.get_lines() if isinstance(line, Line2D)
+                  and line.get_label().split(":")[0] in labels]
+        assert [curve.get_label().split(":")[0] for curve in curves] == labels
 
 
 def test_compare_writes_png_and_source_diff(tmp_path, capsys):
@@ -809,7 +810,7 @@ def test_compare_draws_incomplete_runs_and_names_logs_without_val(tmp_path, caps
     run = tool.build_run_set("partial", [tool.read_log(partial)])
     figure = tool.plot_runs([complete, run])
     for panel in figure.get_axes():
-        dashed = [line for line in panel.get_lines() if line.get_label().startswith("partial (incomplete")]
+        dashed = [line for line in panel.get_lines() if line.get_label().startswith("partial, incomplete")]
         assert len(dashed) == 1 and dashed[0].get_linestyle() == "--"
         assert [line.get_gid() for line in panel.get_lines()].count("incomplete-end") == 1
 
