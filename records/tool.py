@@ -161,7 +161,8 @@ def read_log(path: str | Path, keep_source: bool = True, keep_steps: bool = True
     """Parse a training log; raise LogError ('FILE:LINE: reason') when it cannot be read.
 
     The source code is the text before the first separator line that is followed by the
-    "Running ..." version line (or, without one, before the first separator); the environment is
+    "Running ..." version line (or, without one, before the first separator; a separator on the
+    first line, as the October 2024 logs have, is skipped); the environment is
     every block between that separator and the last separator before the first step line (two to
     four separators in the known layouts). After it, step lines and the peak memory line are read and
     every other non-blank line is kept as a note."""
@@ -188,7 +189,9 @@ def read_log(path: str | Path, keep_source: bool = True, keep_steps: bool = True
         cut = lines.pop()
         notes.append(Note(len(lines) + 1, f"last line has no newline (the log was cut), ignored: {_quote(cut)}"))
 
-    separators = [index for index, line in enumerate(lines) if line == SEPARATOR]
+    # The first public logs (October 2024) open with a separator line before the source as well.
+    source_start = 1 if lines and lines[0] == SEPARATOR else 0
+    separators = [index for index, line in enumerate(lines) if line == SEPARATOR and index >= source_start]
     source_end = next((index for index in separators
                        if index + 1 < len(lines) and lines[index + 1].startswith("Running ")),
                       separators[0] if separators else None)
@@ -209,7 +212,7 @@ def read_log(path: str | Path, keep_source: bool = True, keep_steps: bool = True
     body = _read_body(path, lines, body_start, keep_steps, notes)
     return TrainingLog(
         path=path,
-        source_code="\n".join(lines[:source_end]) if keep_source else None,
+        source_code="\n".join(lines[source_start:source_end]) if keep_source else None,
         environment=environment,
         device=device,
         settings=settings,

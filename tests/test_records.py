@@ -527,8 +527,8 @@ def test_real_trainer_logs_through_all_commands(tiny_run_logs, tmp_path, capsys)
 # ----------------------------------------------------------------------------------------------------
 # Public log layouts of every era (synthetic: the layouts of the public record logs, 2024 to 2026)
 
-ERAS = ["ours", "2024_three_separators", "2024_four_separators", "2025_record21", "2026_status_lines",
-        "optimization_track", "optimization_harness"]
+ERAS = ["ours", "2024_october_leading_separator", "2024_three_separators", "2024_four_separators",
+        "2025_record21", "2026_status_lines", "optimization_track", "optimization_harness"]
 
 
 def era_log(era, final_loss=3.2781, total_steps=40, seed=0, source="import torch\nprint('train')"):
@@ -541,6 +541,11 @@ def era_log(era, final_loss=3.2781, total_steps=40, seed=0, source="import torch
     if era == "ours":
         environment, device = our_environment({"num_iterations": total_steps}), "2 x cpu"
         header = [SEPARATOR, *environment, SEPARATOR]
+    elif era == "2024_october_leading_separator":
+        # The first record logs open with a separator, then the source, then versions and nvidia-smi.
+        header = [SEPARATOR, "Running pytorch 2.4.1+cu121 compiled for CUDA 12.1", "nvidia-smi:",
+                  *public_environment(8)[2:], SEPARATOR]
+        peak = "peak memory consumption: 37858 MiB"
     elif era.startswith("2024"):
         # Three or four separators: source / nvidia-smi / data-loader info (/ hyperparameters).
         header = [SEPARATOR, *public_environment(8), SEPARATOR,
@@ -580,6 +585,8 @@ def era_log(era, final_loss=3.2781, total_steps=40, seed=0, source="import torch
                 .replace(f"val_loss:{step.val_loss or 0:.4f}", f"val_loss:{step.val_loss or 0:.5f}")
                 for line, step in zip(body, steps)]
     lines = [*source.split("\n"), *header, *notes[:len(notes) // 2], *body[:3], *notes[len(notes) // 2:], *body[3:]]
+    if era == "2024_october_leading_separator":
+        lines.insert(0, SEPARATOR)
     if peak:
         lines.append(peak)
     expected = dict(final=final_loss, time_ms=steps[-1].train_time_ms, steps=total_steps, device=device,
