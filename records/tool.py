@@ -737,7 +737,8 @@ def command_significance(args: argparse.Namespace) -> int:
 
     print(f"runs: {len(losses)}")
     listed = " ".join(f"{loss:.4f}" for loss in losses)
-    print(f"final val loss: mean {result.mean:.5f}, std {result.std:.5f} ({listed})")
+    std = "-" if len(losses) < 2 else f"{result.std:.5f}"
+    print(f"final val loss: mean {result.mean:.5f}, std {std} ({listed})")
     if times_ms:
         std = f"{np.std(times_ms, ddof=1) / 1000:.2f} s" if len(times_ms) > 1 else "-"
         print(f"training time: mean {np.mean(times_ms) / 1000:.2f} s, std {std}")
@@ -773,7 +774,10 @@ def command_compare(args: argparse.Namespace) -> int:
         if not logs:
             report(f"run {label!r} is left out: none of its logs can be compared")
             continue
-        run_sets.append(build_run_set(label, logs))
+        try:
+            run_sets.append(build_run_set(label, logs))
+        except ValueError as error:  # logs of different schedules in one run set
+            report(f"{error}; run {label!r} is left out")
     if len(run_sets) < 2:
         raise ValueError(f"compare needs at least two runs with usable logs, {len(run_sets)} left")
     labels = [run.label for run in run_sets]

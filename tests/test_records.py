@@ -620,7 +620,8 @@ def test_summary_lists_notes(tmp_path, capsys):
     path = write_lines(tmp_path / "status.txt", lines)
     assert tool.main(["summary", str(path), "--notes"]) == 0
     output = capsys.readouterr().out
-    assert "| 12 |" in output.replace(" ", "").replace("|12|", "| 12 |")
+    row = next(line for line in output.splitlines() if line.startswith(f"| {path} "))
+    assert row.split("|")[-2].strip() == "12"  # the notes column
     assert f"{path}:{lines.index('Resetting Model') + 1}: 'Resetting Model'" in output
 
 
