@@ -205,7 +205,7 @@ def read_log(path: str | Path, keep_source: bool = True, keep_steps: bool = True
         )
     body_start = header_separators[-1] + 1
     if not clean:
-        _check_undecodable_bytes(path, lines, source_end, notes)
+        _check_undecodable_bytes(path, data, lines, source_end, notes)
 
     environment = [line for line in lines[source_end + 1 : body_start - 1] if line != SEPARATOR]
     device, settings = _read_environment(path, lines, source_end + 1, body_start - 1)
@@ -225,20 +225,19 @@ def read_log(path: str | Path, keep_source: bool = True, keep_steps: bool = True
     )
 
 
-def _check_undecodable_bytes(path: Path, lines: list[str], source_end: int, notes: list[Note]) -> None:
+def _check_undecodable_bytes(path: Path, data: bytes, lines: list[str], source_end: int, notes: list[Note]) -> None:
     """Replace stray non-UTF-8 bytes in the embedded source (with a note); anywhere else they are an error."""
-    byte_offset = 0
     for index, line in enumerate(lines):
         bad = UNDECODABLE.search(line)
         if bad:
             if index >= source_end:
-                offset = byte_offset + len(line[: bad.start()].encode("utf-8", errors="surrogateescape"))
+                line_start = sum(len(raw) + 1 for raw in data.split(b"\n", index)[:index])
+                offset = line_start + len(line[: bad.start()].encode("utf-8", errors="surrogateescape"))
                 raise LogError(f"{path}:{index + 1}: not UTF-8 text (byte 0x{ord(bad[0]) - 0xDC00:02x} at byte "
                                f"offset {offset}); a log is UTF-8 after its embedded source")
             count = len(UNDECODABLE.findall(line))
             notes.append(Note(index + 1, f"{count} non-UTF-8 byte(s) in the embedded source, decoded as U+FFFD"))
             lines[index] = UNDECODABLE.sub("\ufffd", line)
-        byte_offset += len(line.encode("utf-8", errors="surrogateescape")) + 1
     notes.sort(key=lambda note: note.line_number)
 
 

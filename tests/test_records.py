@@ -847,3 +847,14 @@ def test_table_reports_every_bad_record_and_changes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no '# ' heading at the top" in err
     assert readme.read_text(encoding="utf-8").count("old") == 1
+
+
+def test_byte_offset_of_a_bad_byte_in_a_crlf_log(tmp_path):
+    lines, _ = era_log("2025_record21")
+    data = "\r\n".join(lines).encode() + b"\r\n"
+    offset = data.index(b"Running PyTorch") + len(b"Running ")
+    path = write_bytes(tmp_path / "crlf.txt", data[:offset] + b"\xfe" + data[offset + 1:])
+    with pytest.raises(tool.LogError, match=f"byte 0xfe at byte offset {offset}\\)"):
+        tool.read_log(path)
+    path.write_bytes(data)
+    assert tool.read_log(path).is_complete
