@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,6 +102,13 @@ class Settings:
     attn_scale: float = setting(0.12, "fixed softmax scale for QK-normed attention", POSITIVE)
     logit_cap: float = setting(30.0, "logits soft cap: cap * sigmoid(z / (cap / 4))", POSITIVE)
     fp8_head: bool = setting(True, "LM head matmul in FP8 during training (evaluation stays in 16/32 bit)")
+    # memory savers: the same mathematics, recomputed in backward instead of kept (see README)
+    checkpoint_blocks: int = setting(-1, "recompute the first N blocks in backward: 0 (none) .. num_layers (all); "
+                                         "-1: --memory chooses")
+    loss_chunk_tokens: int = setting(-1, "training head + cap + loss in chunks of N tokens (a multiple of 16), each "
+                                         "recomputed in backward; 0: one piece; -1: --memory chooses")
+    memory: str = setting("auto", "savers left at -1: auto (on CUDA, the cheapest that fits this GPU by "
+                                  "records/benchmarks/memory_table.json) or off (none)")
     # optimizers
     muon_lr: float = setting(0.05, "Muon learning rate (hidden matrices)", NON_NEGATIVE)
     muon_momentum: float = setting(0.95, "Muon momentum after warmup", MOMENTUM)
@@ -230,10 +238,23 @@ def check_settings(s: Settings):
     require(s.device in ("auto", "cuda", "cpu"), f"--device={s.device}: choose auto, cuda or cpu")
     require(s.attention_backend in ("auto", "flex", "sdpa"),
             f"--attention_backend={s.attention_backend}: choose auto, flex or sdpa")
+    require(-1 <= s.checkpoint_blocks <= s.num_layers,
+            f"--checkpoint_blocks={s.checkpoint_blocks}: choose 0..{s.num_layers} blocks, or -1 to let --memory choose")
+    require(s.loss_chunk_tokens == -1 or (s.loss_chunk_tokens >= 0 and s.loss_chunk_tokens % 16 == 0),
+            f"--loss_chunk_tokens={s.loss_chunk_tokens}: choose 0 (one piece) or a positive multiple of 16 "
+            "(the FP8 matmul's row granularity), or -1 to let --memory choose")
+    require(s.memory in ("auto", "off"), f"--memory={s.memory}: choose auto or off")
 
 
 # ----------------------------------------------------------------------------------------------------
 # 2. Distributed setup
+
+
+@dataclass(frozen=True)
+class MemorySavers:
+    """Exact memory savers: what they drop in forward is recomputed in backward."""
+    checkpoint_blocks: int = 0  # the first N transformer blocks keep only their inputs
+    loss_chunk_tokens: int = 0  # training head + cap + loss per chunk of this many tokens; 0: one piece
 
 
 @dataclass
@@ -243,6 +264,8 @@ class Runtime:
     device: torch.device
     attention_backend: str  # "flex" or "sdpa"
     grad_accum_steps: int
+    savers: MemorySavers = MemorySavers()
+    notices: tuple[str, ...] = ()  # what the start-up checks found and chose, one line each (printed and logged)
 
     @property
     def is_main(self) -> bool:
@@ -284,7 +307,101 @@ def resolve_runtime(s: Settings, rank: int, world_size: int, local_rank: int) ->
             f"world size {world_size} cannot split a step of {sequences_per_step} sequences "
             f"(train_batch_tokens={s.train_batch_tokens} / train_seq_len={s.train_seq_len}); "
             f"run with {', '.join(map(str, divisors(sequences_per_step)))} processes")
-    return Runtime(rank, world_size, device, backend, sequences_per_step // world_size)
+    notices, total_memory = [], None
+    if device_type == "cuda":
+        notices, total_memory = check_gpu(s, device, backend)
+    savers, memory_notice = choose_memory_savers(s, world_size, total_memory, load_memory_table())
+    notices.append(memory_notice)
+    if rank == 0:
+        for notice in notices:
+            print(notice, flush=True)
+    return Runtime(rank, world_size, device, backend, sequences_per_step // world_size, savers, tuple(notices))
+
+
+# Shared memory per block that FlexAttention's largest kernel needs with inductor's default tiles (bf16, head_dim
+# 128), by compute capability: the GPU check's offline compilation for each target (records/benchmarks/). The
+# tiles, hence the need, depend on the architecture; what a GPU offers is its own property (sm_86/sm_89 cards
+# such as RTX 3090/4090 and L40S: 101,376 bytes; A100: 166,912; H100: 232,448).
+FLEX_SHARED_MEMORY_NEEDED = {(8, 0): 99_328, (8, 9): 99_328, (9, 0): 166_400}
+
+
+def check_gpu(s: Settings, device: torch.device, backend: str) -> tuple[list[str], int]:
+    """Start-up capability checks of the visible GPU: bf16, FP8 and FlexAttention's shared memory.
+    Returns one-line notices and the GPU's memory in bytes."""
+    props = torch.cuda.get_device_properties(device)
+    capability = f"compute capability {props.major}.{props.minor}"
+    if (props.major, props.minor) < (8, 0):
+        raise SettingsError(f"{props.name} ({capability}) has no bfloat16 support, which training computes in: "
+                            "it needs compute capability 8.0 or newer (A100, RTX 30xx/40xx, L40S, H100)")
+    if s.fp8_head and (props.major, props.minor) < (8, 9):
+        raise SettingsError(f"--fp8_head=true needs FP8 matmuls, which need compute capability 8.9 or newer (Ada, "
+                            f"Hopper, Blackwell); {props.name} has {capability}: run with --fp8_head=false")
+    notices = [f"GPU: {props.name}, {capability}, {props.total_memory / 2**30:.1f} GiB: bf16 yes, "
+               f"FP8 head {'on' if s.fp8_head else 'off'}"]
+    if backend == "flex":
+        needed = FLEX_SHARED_MEMORY_NEEDED.get((props.major, props.minor)) if s.head_dim == 128 else None
+        offered = props.shared_memory_per_block_optin
+        if needed is None:
+            notices.append(f"FlexAttention: the GPU check has not compiled its kernels for {capability} at "
+                           f"head_dim {s.head_dim}; if compilation stops with 'out of resource: shared memory', "
+                           f"this GPU's {offered} bytes per block are too few")
+        elif offered < needed:
+            raise SettingsError(f"FlexAttention's kernels need {needed} bytes of shared memory per block on "
+                                f"{capability} (GPU check); {props.name} offers {offered}: use a GPU with more")
+        else:
+            notices.append(f"FlexAttention: kernels need {needed} of the {offered} bytes of shared memory per block")
+    return notices, props.total_memory
+
+
+# --memory=auto reads the GPU check's predicted peak memory per combination of savers for the record shape.
+MEMORY_TABLE_PATH = Path(__file__).resolve().parent / "records" / "benchmarks" / "memory_table.json"
+
+
+def load_memory_table() -> dict | None:
+    return json.loads(MEMORY_TABLE_PATH.read_text()) if MEMORY_TABLE_PATH.exists() else None
+
+
+def usable_memory_gib(total_memory: int) -> float:
+    """What a prediction may fill: 90% of the GPU less 1 GiB, for the CUDA context, NCCL buffers, cuBLAS
+    workspaces and allocator fragmentation, none of which the generated code's allocation plan shows."""
+    return 0.9 * total_memory / 2**30 - 1.0
+
+
+def choose_memory_savers(s: Settings, world_size: int, total_memory: int | None,
+                         table: dict | None) -> tuple[MemorySavers, str]:
+    """Savers set explicitly (>= 0) stay; with --memory=auto on a GPU the others come from the table row with
+    the least recomputation whose predicted peak fits usable_memory_gib. Returns the savers and a notice."""
+    as_set = MemorySavers(max(s.checkpoint_blocks, 0), max(s.loss_chunk_tokens, 0))
+    chosen = f"checkpoint_blocks={as_set.checkpoint_blocks} loss_chunk_tokens={as_set.loss_chunk_tokens}"
+    if s.checkpoint_blocks >= 0 and s.loss_chunk_tokens >= 0:
+        return as_set, f"memory savers as set: {chosen}"
+    if s.memory == "off" or total_memory is None:
+        reason = "--memory=off" if s.memory == "off" else "no GPU"
+        return as_set, f"memory savers ({reason}): {chosen}"
+    if table is None:
+        return as_set, f"--memory=auto: no table at {MEMORY_TABLE_PATH}: {chosen}"
+    differing = [name for name, value in table["shape"].items() if getattr(s, name) != value]
+    if differing:
+        return as_set, (f"--memory=auto: the memory table covers the record shape only ({', '.join(differing)} "
+                        f"differ): {chosen}")
+    # Ranks share Muon's momentum, so a world size missing from the table is bounded by the 1-rank rows.
+    table_world = world_size if any(row["world_size"] == world_size for row in table["rows"]) else 1
+    candidates = sorted((row for row in table["rows"] if row["world_size"] == table_world
+                         and row["fp8_head"] == s.fp8_head
+                         and s.checkpoint_blocks in (-1, row["checkpoint_blocks"])
+                         and s.loss_chunk_tokens in (-1, row["loss_chunk_tokens"])),
+                        key=lambda row: row["recompute_flops_per_token"])
+    if not candidates:
+        return as_set, f"--memory=auto: no table row matches these settings: {chosen}"
+    usable = usable_memory_gib(total_memory)
+    fitting = [row for row in candidates if row["peak_gib"] <= usable]
+    row = fitting[0] if fitting else min(candidates, key=lambda row: row["peak_gib"])
+    savers = MemorySavers(row["checkpoint_blocks"], row["loss_chunk_tokens"])
+    verdict = "fits" if fitting else "does NOT fit (expect out-of-memory)"
+    return savers, (f"--memory=auto: checkpoint_blocks={savers.checkpoint_blocks} "
+                    f"loss_chunk_tokens={savers.loss_chunk_tokens}: predicted peak {row['peak_gib']:.1f} GiB "
+                    f"(GPU check, {table_world} rank(s)) {verdict} in the {usable:.1f} GiB usable of "
+                    f"{total_memory / 2**30:.1f} GiB")
 
 
 def init_distributed(runtime: Runtime):
@@ -599,11 +716,12 @@ def padded_vocab_size(vocab_size: int) -> int:
 
 
 class GPT(nn.Module):
-    def __init__(self, s: Settings, attention_backend: str):
+    def __init__(self, s: Settings, attention_backend: str, savers: MemorySavers = MemorySavers()):
         super().__init__()
         max_seq_len = max(s.train_seq_len, s.val_seq_len)
         self.block_size, self.logit_cap, self.fp8_head = s.block_size, s.logit_cap, s.fp8_head
         self.attention_backend = attention_backend  # "flex" or "sdpa"
+        self.savers = savers
         self.window_kinds = [None if kind == "-" else kind for kind in s.attention_layout]
         self.value_embed_tables = [None if c == "-" else int(c) for c in s.value_embed_layout]
         num_tables = 1 + max((t for t in self.value_embed_tables if t is not None), default=-1)
@@ -634,7 +752,11 @@ class GPT(nn.Module):
                 x = x + self.skip_weights[i - num_encoder] * encoder_outputs.pop()
             table = self.value_embed_tables[i]
             kind = self.window_kinds[i]
-            x = block(x, x0, None if table is None else value_embeds[table], None if kind is None else masks[kind])
+            inputs = (x, x0, None if table is None else value_embeds[table], None if kind is None else masks[kind])
+            if i < self.savers.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, *inputs, use_reentrant=False)  # keeps the inputs, recomputes the rest
+            else:
+                x = block(*inputs)
             if i < num_encoder:
                 encoder_outputs.append(x)
         return self.loss(rms_norm(x)[0], target_seq)
@@ -644,20 +766,35 @@ class GPT(nn.Module):
             logits = fp8_matmul(x, self.lm_head.weight)
         else:
             logits = self.lm_head(x)
-        return self.logit_cap * torch.sigmoid(logits.float() / (self.logit_cap / 4))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+        return self.logit_cap * torch.sigmoid(logits / (self.logit_cap / 4))
+
+    def summed_loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(self.capped_logits(x), targets, reduction="sum")
 
     def loss(self, x: Tensor, targets: Tensor) -> Tensor:
-        if self.training:
+        """Mean cross-entropy of x (T, dim) against targets (T,). Evaluation sequences are long (256K tokens):
+        chunked so fp32 logits never exceed ~3 GiB. Training with loss_chunk_tokens set is chunked too, and
+        each chunk is recomputed in backward, so one chunk's logits exist at a time in both directions."""
+        chunk = self.savers.loss_chunk_tokens
+        if not self.training:
+            chunk, recompute = EVAL_LOGITS_CHUNK, False
+        elif chunk and torch.is_grad_enabled():
+            recompute = True
+        else:
             return F.cross_entropy(self.capped_logits(x), targets)
-        # Evaluation sequences are long (256K tokens): chunk so fp32 logits never exceed ~3 GiB.
-        total = sum(F.cross_entropy(self.capped_logits(x_chunk), t_chunk, reduction="sum")
-                    for x_chunk, t_chunk in zip(x.split(EVAL_LOGITS_CHUNK), targets.split(EVAL_LOGITS_CHUNK)))
+        total = 0.0
+        for x_chunk, t_chunk in zip(x.split(chunk), targets.split(chunk)):
+            if recompute:
+                total = total + checkpoint(self.summed_loss, x_chunk, t_chunk, use_reentrant=False)
+            else:
+                total = total + self.summed_loss(x_chunk, t_chunk)
         return total / targets.numel()
 
 
 def build_model(s: Settings, runtime: Runtime) -> GPT:
     torch.manual_seed(s.seed)
-    model = GPT(s, runtime.attention_backend).to(runtime.device)
+    model = GPT(s, runtime.attention_backend, runtime.savers).to(runtime.device)
     if runtime.compute_dtype == torch.bfloat16:
         for embedding in (model.embed, *model.value_embeds):
             embedding.bfloat16()
@@ -990,6 +1127,7 @@ def environment_report(s: Settings, runtime: Runtime) -> str:
         f"Device: {device}",
         f"Settings: {json.dumps(dataclasses.asdict(s))}",
         *([f"Warning: {overlap} (allowed by --allow_val_in_train=true)"] if overlap else []),
+        *(f"Start-up: {notice}" for notice in runtime.notices),
         smi or "nvidia-smi: not available",
     ])
 
