@@ -1166,11 +1166,14 @@ def estimate_memory(s: Settings, runtime: Runtime) -> dict[str, tuple[int, str]]
     vocab = padded_vocab_size(s.vocab_size)
     compiled_gpu = runtime.device.type == "cuda" and s.compile
     logits_per_token = vocab * (value_bytes if compiled_gpu else 4 * 3)
+    # Checkpointed blocks keep no activations, but backward recomputes one of them at a time.
+    stored_blocks = s.num_layers - runtime.savers.checkpoint_blocks + min(runtime.savers.checkpoint_blocks, 1)
+    logits_tokens = min(runtime.savers.loss_chunk_tokens or s.train_seq_len, s.train_seq_len)
     parts = {
         "weights and optimizer state": (16 * num_params, "--model_dim / --num_layers"),
-        "activations of one micro-step": (16 * s.model_dim * s.num_layers * s.train_seq_len * value_bytes,
+        "activations of one micro-step": (16 * s.model_dim * stored_blocks * s.train_seq_len * value_bytes,
                                           "--train_seq_len"),
-        "logits of one micro-step": (s.train_seq_len * logits_per_token, "--train_seq_len"),
+        "logits of one micro-step": (logits_tokens * logits_per_token, "--train_seq_len"),
         "evaluation logits": (min(s.val_seq_len, EVAL_LOGITS_CHUNK) * vocab * 4, "--val_seq_len"),
     }
     if runtime.attention_backend == "sdpa":

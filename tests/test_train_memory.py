@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import enwiki_paths
+from conftest import shard_paths
 from test_train_distributed import launch
 
 # The record's 12-block layout at a width small enough to build and run quickly: 256 tokens, 1024 logits.
@@ -95,7 +95,7 @@ def test_compiled_savers_train_like_the_plain_model(float64):
 
 
 def test_two_ranks_with_savers_train_like_one_rank(tmp_path):
-    train_files, val_files = enwiki_paths()
+    train_files, val_files = shard_paths()
     args = ["--preset=tiny", "--compile=false", "--num_iterations=3", f"--train_files={train_files}",
             f"--val_files={val_files}", "--muon_momentum_warmup_steps=2", "--num_layers=4",
             "--attention_layout=LS-L", "--value_embed_layout=01-1", "--checkpoint_blocks=3",
@@ -262,3 +262,13 @@ def test_memory_auto_keeps_explicit_settings_and_says_when_nothing_fits():
 def test_bad_saver_settings_are_refused(setting, message):
     with pytest.raises(T.SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         T.parse_settings([setting])
+
+
+def test_start_up_memory_lower_bound_counts_the_savers():
+    settings = T.parse_settings(["--preset=tiny"])
+    parts = {savers: T.estimate_memory(settings, T.Runtime(0, 1, torch.device("cpu"), "sdpa", 4, savers))
+             for savers in (T.MemorySavers(), T.MemorySavers(checkpoint_blocks=4, loss_chunk_tokens=96))}
+    plain, saving = parts.values()
+    # 6 blocks stored -> 2 stored + 1 recomputed at a time; 512 tokens of logits -> 96
+    assert saving["activations of one micro-step"][0] * 6 == plain["activations of one micro-step"][0] * 3
+    assert saving["logits of one micro-step"][0] * 512 == plain["logits of one micro-step"][0] * 96
