@@ -104,9 +104,10 @@ class Settings:
     fp8_head: bool = setting(True, "LM head matmul in FP8 during training (evaluation stays in 16/32 bit)")
     # memory savers: the same mathematics, recomputed in backward instead of kept (see README)
     checkpoint_blocks: int = setting(-1, "recompute the first N blocks in backward: 0 (none) .. num_layers (all); "
-                                         "-1: --memory chooses")
+                                         "-1: --memory chooses", Range(-1, math.inf, high_open=True))
     loss_chunk_tokens: int = setting(-1, "training head + cap + loss in chunks of N tokens (a multiple of 16), each "
-                                         "recomputed in backward; 0: one piece; -1: --memory chooses")
+                                         "recomputed in backward; 0: one piece; -1: --memory chooses",
+                                     Range(-1, math.inf, high_open=True))
     memory: str = setting("auto", "savers left at -1: auto (on CUDA, the cheapest that fits this GPU by "
                                   "records/benchmarks/memory_table.json) or off (none)")
     # optimizers
