@@ -37,6 +37,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent
@@ -243,7 +244,7 @@ def flops_per_token(s: T.Settings) -> dict:
 # One rank's micro-batch at the final window, timed as forward + backward of the compiled model, and as a
 # whole train_gpt.train_step (data, forward, backward, Muon, Adam) with one micro-batch per step. The
 # optimizers are timed on random gradients: Muon for the whole model, and the share that rank 0 of
-# PREDICTED_WORLD_SIZE orthogonalises (Muon assigns matrices r, r+W, ... of each shape group to rank r;
+# PREDICTED_WORLD_SIZE orthogonalises (Muon assigns matrices r, r+W, ... of each same-size group to rank r;
 # rank 0 owns the most). Adam is not sharded in train_gpt: every rank runs all of it.
 
 
@@ -262,13 +263,37 @@ def muon_rank_share_step(muon: T.Muon, rank: int, world_size: int):
     with torch.no_grad():
         for update, chunk, lr in muon.owned_updates(rank, world_size):
             for param in chunk:
-                param.add_(update.to(param.dtype), alpha=-lr)
+                muon.apply_update(param, update, lr)
 
 
 def muon_rank_share_count(muon: T.Muon, rank: int, world_size: int) -> tuple[int, int]:
     """(Muon parameters rank `rank` orthogonalises, all Muon parameters)."""
     owned = sum(len(group["params"][rank::world_size]) for group in muon.param_groups)
     return owned, sum(len(group["params"]) for group in muon.param_groups)
+
+
+def old_load_shard(path, vocab_size: int, pin_memory: bool) -> torch.Tensor:
+    """The trainer's shard load before the uint16 loader (kept here to measure the change)."""
+    num_tokens = T.read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=T.SHARD_HEADER_BYTES)
+    T.check_token_range(tokens, vocab_size, path)
+    tokens = torch.from_numpy(tokens.astype(np.int32))
+    return tokens.pin_memory() if pin_memory else tokens
+
+
+def shard_load_seconds(path, vocab_size: int, runtime: T.Runtime, reps: int = 3) -> tuple[float, float]:
+    """Median wall time to load one shard with the old and the new path, alternating, after one read
+    of each to fill the page cache (so both read from memory, as for a shard read before)."""
+    pin = runtime.device.type == "cuda"
+    loaders = (lambda: old_load_shard(path, vocab_size, pin), lambda: T.load_shard(path, vocab_size, pin))
+    samples = ([], [])
+    for rep in range(reps + 1):
+        for load, times in zip(loaders, samples):
+            started = time.perf_counter()
+            load()
+            if rep:
+                times.append(time.perf_counter() - started)
+    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def fill_random_grads(model: torch.nn.Module):
@@ -292,7 +317,8 @@ class StepBench:
         self.compiled = maybe_compile(self.model, single)
         self.muon, self.adam = T.build_optimizers(self.model, single, runtime)
         self.files = T.find_shards(single.train_files, "train_files")
-        self.batches = T.train_batches(self.files, single, runtime)
+        self.reducer = T.GradientReducer(self.model.parameters(), runtime)
+        self.batches = T.TrainLoader(self.files, single, runtime)
         self.inputs, self.targets = next(self.batches)
         self.final_step = single.num_iterations  # window_blocks_at(num_iterations) is the final window
         self.window = torch.tensor(T.window_blocks_at(self.final_step, single), dtype=torch.int32,
@@ -307,7 +333,8 @@ class StepBench:
         self.model.zero_grad(set_to_none=True)
 
     def train_step(self):
-        T.train_step(self.compiled, (self.muon, self.adam), self.batches, self.final_step, self.s, self.runtime)
+        T.train_step(self.compiled, (self.muon, self.adam), self.reducer, self.batches, self.final_step, self.s,
+                     self.runtime)
 
     def run(self) -> dict:
         runtime, tokens = self.runtime, self.s.train_seq_len
@@ -318,10 +345,11 @@ class StepBench:
         peak_mib = peak_memory_mib(runtime)
         train_step_ms = self.timed(self.train_step)
 
-        data_batches = T.train_batches(self.files, self.s, runtime)
-        shard_load_s = first_call_s(lambda: next(data_batches), runtime)  # the first call loads the shard
+        shard_load_s = first_call_s(lambda: T.TrainLoader(self.files, self.s, runtime), runtime)
+        data_batches = T.TrainLoader(self.files, self.s, runtime)
         data_ms = self.timed(lambda: next(data_batches), wall=True)
         del data_batches
+        shard_load_old_s, shard_load_new_s = shard_load_seconds(self.files[0], self.s.vocab_size, runtime)
 
         fill_random_grads(self.model)
         muon_ms = self.timed(self.muon.step)
@@ -334,6 +362,7 @@ class StepBench:
             tokens_per_micro_batch=tokens, window_blocks=int(self.window), compile_and_first_step_s=compile_s,
             fwd_bwd_ms=fwd_bwd_ms, fwd_bwd_tokens_per_s=tokens / (fwd_bwd_ms / 1e3), peak_memory_mib=peak_mib,
             train_step_ms=train_step_ms, data_ms=data_ms, shard_load_s=shard_load_s,
+            shard_load_old_s=shard_load_old_s, shard_load_new_s=shard_load_new_s,
             muon_ms=muon_ms, adam_ms=adam_ms, muon_rank_share_ms=muon_share_ms,
             muon_rank_share_params=owned, muon_params=total, predicted_world_size=world,
             micro_batches_per_rank=self.recipe.train_batch_tokens // self.recipe.train_seq_len // world,
@@ -397,7 +426,7 @@ def component_breakdown(bench: StepBench, step: dict) -> dict:
             traceback.print_exc()
 
     components.append(dict(name="data loading", count=1, ms_each=step["data_ms"], ms=step["data_ms"],
-                           how="train_batches next(), wall time", first_call_s=step["shard_load_s"]))
+                           how="TrainLoader next(), wall time", first_call_s=step["shard_load_s"]))
 
     def masks_fn():
         build = maybe_compile(lambda inputs, window: mask_tensors(model.attention_masks(inputs, window)), s)
@@ -522,6 +551,8 @@ FIGURES = [
      "({step[muon_rank_share_params]} of {step[muon_params]} params)", "ms"),
     ("step.adam_ms", "Adam step (whole on every rank)", "ms"),
     ("step.data_ms", "data loading, one micro-batch", "ms"),
+    ("step.shard_load_new_s", "shard load, one file: uint16 straight into (pinned on CUDA) memory; "
+     "old path np.fromfile + int32 + pin: {step[shard_load_old_s]:.3f} s", "s"),
     ("step.predicted_step_ms", "predicted step on {step[predicted_world_size]} x this device "
      "({step[micro_batches_per_rank]} micro-batch/rank + optimizer share), communication unmeasured", "ms"),
     ("step.predicted_total_s", "predicted training time, {step[num_iterations]} steps", "s"),

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -25,8 +26,13 @@ import sys
 import textwrap
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# Before torch can initialise CUDA: growable segments keep the logits-sized blocks from fragmenting the
+# caching allocator. setdefault, so a user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import numpy as np
 import torch
@@ -416,9 +422,12 @@ def init_distributed(runtime: Runtime):
 
 # ----------------------------------------------------------------------------------------------------
 # 3. FP8 matmul op (LM head)
-# out = x @ w.T with x, w cast to float8_e4m3fn and the output gradient to float8_e5m2. Fixed scales
-# multiply before the cast and are divided out by _scaled_mm. torch._scaled_mm has no autograd, so
-# the op is a custom op with its own backward.
+# out = x @ w.T with x, w cast to float8_e4m3fn and the output gradient to float8_e5m2. Fixed
+# power-of-two scales multiply before the cast and are divided out by _scaled_mm. torch._scaled_mm has
+# no autograd, so the op is a custom op with its own backward. On CUDA the bodies run under
+# torch.compile, which fuses each scale + cast (+ transposed copy) into one kernel and keeps the scale
+# tensors on the device; on CPU they run eagerly (the same arithmetic: the scales are exact).
+# No host-device synchronisation: the inverse scales are made on the device (torch.full), never copied.
 
 FP8_X_SCALE = 2.0
 FP8_W_SCALE = 2.0**9
@@ -433,61 +442,77 @@ def check_fp8_operands(x: Tensor, w: Tensor):
         raise ValueError(f"fp8 matmul needs dims divisible by 16, got x {tuple(x.shape)}, w {tuple(w.shape)}")
 
 
-@torch.library.custom_op("speedrun::fp8_matmul", mutates_args=())
-def fp8_matmul_op(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    check_fp8_operands(x, w)
-    x_f8 = x.mul(x_scale).to(torch.float8_e4m3fn)
-    w_f8 = w.mul(w_scale).to(torch.float8_e4m3fn)
+def inverse_scale(scale: float, like: Tensor) -> Tensor:
+    return torch.full((), 1 / scale, dtype=torch.float32, device=like.device)
+
+
+def fp8_forward_body(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    x_f8 = x.mul(FP8_X_SCALE).to(torch.float8_e4m3fn)
+    w_f8 = w.mul(FP8_W_SCALE).to(torch.float8_e4m3fn)
     out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=x.dtype, use_fast_accum=True,
-                           scale_a=x.new_tensor(1 / x_scale, dtype=torch.float32),
-                           scale_b=x.new_tensor(1 / w_scale, dtype=torch.float32))
+                           scale_a=inverse_scale(FP8_X_SCALE, x), scale_b=inverse_scale(FP8_W_SCALE, x))
     return out, x_f8, w_f8
 
 
+def fp8_backward_body(grad: Tensor, x_f8: Tensor, w_f8: Tensor) -> tuple[Tensor, Tensor]:
+    grad_f8 = grad.mul(FP8_GRAD_SCALE).to(torch.float8_e5m2)
+    # _scaled_mm wants a row-major first and a column-major second operand: hence the .T.contiguous().T
+    grad_x = torch._scaled_mm(grad_f8, w_f8.T.contiguous().T, out_dtype=grad.dtype,
+                              scale_a=inverse_scale(FP8_GRAD_SCALE, grad), scale_b=inverse_scale(FP8_W_SCALE, grad))
+    # grad_w (out, in) as the transpose of x_f8.T @ grad_f8: for a 50304 x 768 result this orientation
+    # is the faster one on H100 (the public record's measurement)
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), grad_f8.T.contiguous().T, out_dtype=torch.float32,
+                              scale_a=inverse_scale(FP8_X_SCALE, grad), scale_b=inverse_scale(FP8_GRAD_SCALE, grad)).T
+    return grad_x, grad_w
+
+
+fp8_forward_compiled = torch.compile(fp8_forward_body)
+fp8_backward_compiled = torch.compile(fp8_backward_body)
+
+
+@torch.library.custom_op("speedrun::fp8_matmul", mutates_args=())
+def fp8_matmul_op(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    check_fp8_operands(x, w)
+    return (fp8_forward_compiled if x.is_cuda else fp8_forward_body)(x, w)
+
+
 @fp8_matmul_op.register_fake
-def _(x: Tensor, w: Tensor, x_scale: float, w_scale: float, grad_scale: float):
+def _(x: Tensor, w: Tensor):
     return (x.new_empty(x.size(0), w.size(0)), torch.empty_like(x, dtype=torch.float8_e4m3fn),
             torch.empty_like(w, dtype=torch.float8_e4m3fn))
 
 
 @torch.library.custom_op("speedrun::fp8_matmul_backward", mutates_args=())
-def fp8_matmul_backward_op(grad: Tensor, x_f8: Tensor, w_f8: Tensor, x_scale: float, w_scale: float,
-                           grad_scale: float) -> tuple[Tensor, Tensor]:
-    grad_f8 = grad.mul(grad_scale).to(torch.float8_e5m2)
-    inv_grad_scale = grad.new_tensor(1 / grad_scale, dtype=torch.float32)
-    # _scaled_mm wants a row-major first and a column-major second operand: hence the .T.contiguous().T
-    grad_x = torch._scaled_mm(grad_f8, w_f8.T.contiguous().T, out_dtype=grad.dtype, scale_a=inv_grad_scale,
-                              scale_b=grad.new_tensor(1 / w_scale, dtype=torch.float32))
-    grad_w = torch._scaled_mm(grad_f8.T.contiguous(), x_f8.T.contiguous().T, out_dtype=torch.float32,
-                              scale_a=inv_grad_scale, scale_b=grad.new_tensor(1 / x_scale, dtype=torch.float32))
-    return grad_x, grad_w
+def fp8_matmul_backward_op(grad: Tensor, x_f8: Tensor, w_f8: Tensor) -> tuple[Tensor, Tensor]:
+    return (fp8_backward_compiled if grad.is_cuda else fp8_backward_body)(grad, x_f8, w_f8)
 
 
 @fp8_matmul_backward_op.register_fake
-def _(grad: Tensor, x_f8: Tensor, w_f8: Tensor, x_scale: float, w_scale: float, grad_scale: float):
-    return grad.new_empty(x_f8.shape), grad.new_empty(w_f8.shape, dtype=torch.float32)
+def _(grad: Tensor, x_f8: Tensor, w_f8: Tensor):
+    # grad_w is the transpose of a row-major (in, out) matrix: the fake must have the same strides
+    return grad.new_empty(x_f8.shape), grad.new_empty(w_f8.size(1), w_f8.size(0), dtype=torch.float32).T
 
 
 def _fp8_setup_context(ctx, inputs, output):
-    _, _, x_scale, w_scale, grad_scale = inputs
     _, x_f8, w_f8 = output
     ctx.save_for_backward(x_f8, w_f8)
-    ctx.scales = (x_scale, w_scale, grad_scale)
     ctx.set_materialize_grads(False)
 
 
 def _fp8_backward(ctx, grad_out, *_unused_grads):
     x_f8, w_f8 = ctx.saved_tensors
-    grad_x, grad_w = fp8_matmul_backward_op(grad_out, x_f8, w_f8, *ctx.scales)
-    return grad_x, grad_w, None, None, None
+    return fp8_matmul_backward_op(grad_out, x_f8, w_f8)
 
 
 fp8_matmul_op.register_autograd(_fp8_backward, setup_context=_fp8_setup_context)
 
 
 def fp8_matmul(x: Tensor, w: Tensor) -> Tensor:
-    """x (tokens, in) @ w (out, in).T in FP8 with the record's fixed scales; output in x's dtype."""
-    return fp8_matmul_op(x, w, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE)[0]
+    """x (tokens, in) @ w (out, in).T in FP8 with the record's fixed scales; output in x's dtype.
+
+    The e5m2 cast of the output gradient sees whatever magnitude the caller's loss gives it, so the
+    trainer backpropagates each micro-batch's undivided mean loss (see accumulate_gradients)."""
+    return fp8_matmul_op(x, w)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -510,19 +535,26 @@ def newton_schulz_orthogonalize(grad: Tensor, steps: int, dtype: torch.dtype) ->
     return x.mT if tall else x
 
 
+# On CUDA a handful of fused kernels instead of ~50 small ones per call; on CPU eager (compiling each
+# shape costs seconds, and the tests compare the two).
+newton_schulz_compiled = torch.compile(newton_schulz_orthogonalize)
+
+
 class Muon(torch.optim.Optimizer):
     """Momentum + Nesterov, then orthogonalised updates for 2-D (or stacked 2-D) weights.
 
-    Parameters of one shape form a group. Within a group, rank r orthogonalises matrices r, r + W,
-    r + 2W, ... (W = world size) and an all-gather hands every rank every update, so all ranks apply
+    Parameters with the same number of elements form a group, in the order given (the MLP's 3072 x 768
+    and 768 x 3072 matrices share one). Ownership rule: within a group, rank r orthogonalises, and keeps
+    the momentum buffers of, matrices r, r + W, r + 2W, ... (W = world size). For each chunk of W
+    matrices, an all-gather into one [W, numel] tensor hands every rank every update, so all ranks apply
     the same update as a single process would. Gradients must already be averaged across ranks.
     """
 
     def __init__(self, params, lr: float, momentum: float, ns_steps: int, ns_dtype: torch.dtype,
                  rank: int = 0, world_size: int = 1):
         params = list(params)
-        shapes = sorted({tuple(p.shape) for p in params}, key=lambda shape: -math.prod(shape))
-        groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
+        sizes = sorted({p.numel() for p in params}, reverse=True)
+        groups = [dict(params=[p for p in params if p.numel() == size]) for size in sizes]
         super().__init__(groups, dict(lr=lr, momentum=momentum))
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
         self.rank, self.world_size = rank, world_size
@@ -534,13 +566,20 @@ class Muon(torch.optim.Optimizer):
         buffer = state["momentum_buffer"]
         buffer.lerp_(param.grad, 1 - momentum)
         nesterov_grad = param.grad.lerp(buffer, momentum)
-        update = newton_schulz_orthogonalize(nesterov_grad, self.ns_steps, self.ns_dtype)
-        return update * max(1.0, param.size(-2) / param.size(-1)) ** 0.5
+        orthogonalize = newton_schulz_compiled if param.is_cuda else newton_schulz_orthogonalize
+        return orthogonalize(nesterov_grad, self.ns_steps, self.ns_dtype)
+
+    @staticmethod
+    def apply_update(param: Tensor, update: Tensor, lr: float):
+        """param -= lr * sqrt(max(1, rows / cols)) * update; update has param's shape or is flat. The
+        shape factor rides on add_'s alpha: no separate scaling kernel, no fp32 copy of the update."""
+        scale = max(1.0, param.size(-2) / param.size(-1)) ** 0.5
+        param.add_(update.view(param.shape), alpha=-lr * scale)
 
     def owned_updates(self, rank: int, world_size: int):
-        """Yields (update, chunk, lr) for every chunk of world_size same-shape matrices: the update is
-        rank's own orthogonalised matrix of the chunk (zeros when the chunk is too short to give it one).
-        step() runs this with the optimizer's own rank; benchmark.py times one rank's share with it."""
+        """Yields (update, chunk, lr) for every chunk of world_size same-size matrices: the update is
+        rank's own orthogonalised matrix of the chunk (zeros, flat, when the chunk is too short to give it
+        one). step() runs this with the optimizer's own rank; benchmark.py times one rank's share with it."""
         for group in self.param_groups:
             params = group["params"]
             for base in range(0, len(params), world_size):
@@ -548,24 +587,23 @@ class Muon(torch.optim.Optimizer):
                 if rank < len(chunk):
                     update = self._orthogonal_update(chunk[rank], group["momentum"])
                 else:
-                    update = torch.zeros_like(params[-1], dtype=self.ns_dtype)
+                    update = params[0].new_zeros(params[0].numel(), dtype=self.ns_dtype)
                 yield update, chunk, group["lr"]
 
     @torch.no_grad()
     def step(self):
-        pending = []  # (all-gather handle or None, gathered updates, params they belong to, lr)
+        pending = []  # (all-gather handle, gathered updates [W, numel], params they belong to, lr)
         for update, chunk, lr in self.owned_updates(self.rank, self.world_size):
             if self.world_size == 1:
-                pending.append((None, [update], chunk, lr))
+                self.apply_update(chunk[0], update, lr)
                 continue
-            gathered = [torch.empty_like(update) for _ in range(self.world_size)]
-            handle = dist.all_gather(gathered, update.contiguous(), async_op=True)
-            pending.append((handle, gathered, chunk, lr))
-        for handle, updates, chunk, lr in pending:
-            if handle is not None:
-                handle.wait()
-            for param, update in zip(chunk, updates):
-                param.add_(update.to(param.dtype), alpha=-lr)
+            gathered = update.new_empty(self.world_size * update.numel())  # flat: gloo wants 1-D
+            handle = dist.all_gather_into_tensor(gathered, update.flatten(), async_op=True)
+            pending.append((handle, gathered.view(self.world_size, -1), chunk, lr))
+        for handle, gathered, chunk, lr in pending:
+            handle.wait()
+            for param, update in zip(chunk, gathered):
+                self.apply_update(param, update, lr)
 
 
 def build_optimizers(model: "GPT", s: Settings, runtime: Runtime) -> tuple[Muon, torch.optim.Adam]:
@@ -866,10 +904,14 @@ def attention_masks(input_seq: Tensor, window_blocks_by_kind: dict[str, Tensor],
 
 
 def window_blocks_tensor(step: int, s: Settings, device: torch.device) -> Tensor:
-    """window_blocks_at as a 0-d device tensor: a tensor, so the compiled graph is reused as the
-    window grows; copied from pinned memory so the host does not wait for the GPU."""
-    blocks = torch.tensor(window_blocks_at(step, s), dtype=torch.int32, pin_memory=device.type == "cuda")
-    return blocks.to(device, non_blocking=True)
+    """window_blocks_at as a 0-d device tensor: a tensor, so the compiled graph is reused as the window
+    grows. Cached, one per distinct window (14 in the record), and made on the device (no host copy)."""
+    return window_tensor(window_blocks_at(step, s), device)
+
+
+@functools.cache
+def window_tensor(blocks: int, device: torch.device) -> Tensor:
+    return torch.full((), blocks, dtype=torch.int32, device=device)
 
 
 def window_blocks_at(step: int, s: Settings) -> int:
@@ -927,15 +969,23 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, path: Path):
                         "Re-tokenize with data/fineweb.py (GPT-2) or set --vocab_size to the tokenizer's")
 
 
-def load_shard(path: Path, vocab_size: int) -> Tensor:
-    """The shard's tokens as int32, after checking its header and that every token is < vocab_size."""
+def load_shard(path: Path, vocab_size: int, pin_memory: bool = False) -> Tensor:
+    """A shard's tokens as uint16, read from the file straight into the tensor (pinned memory on CUDA,
+    so copies to the GPU do not stall the host), after checking its header and that every token is
+    < vocab_size. The one place that reads tokens from disk."""
     num_tokens = read_shard_header(path)
+    tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=pin_memory)
     try:
-        tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
+        with open(path, "rb") as f:
+            f.seek(SHARD_HEADER_BYTES)
+            num_bytes = f.readinto(tokens.numpy())  # the file's little-endian uint16 = the host's (x86, ARM)
     except OSError as error:
         raise unreadable(path, error) from None
-    check_token_range(tokens, vocab_size, path)
-    return torch.from_numpy(tokens.astype(np.int32))
+    if num_bytes != 2 * num_tokens:
+        raise DataError(f"{path}: read {num_bytes} bytes of tokens, expected {2 * num_tokens}: the file "
+                        "changed while being read")
+    check_token_range(tokens.numpy(), vocab_size, path)
+    return tokens
 
 
 def find_shards(pattern: str, setting_name: str) -> list[Path]:
@@ -950,45 +1000,68 @@ def find_shards(pattern: str, setting_name: str) -> list[Path]:
     return files
 
 
+def steps_in_shard(num_tokens: int, step_tokens: int) -> int:
+    """Optimizer steps TrainLoader takes from a shard: positions 0, b, 2b, ... while position + b + 1 <
+    num_tokens (b = step_tokens; the public loader's rule), i.e. (num_tokens - 2) // b."""
+    return max(0, (num_tokens - 2) // step_tokens)
+
+
 def check_train_files(files: list[Path], step_tokens: int) -> int:
-    """Validates every training shard up front; returns the tokens the loader can use in one pass."""
+    """Validates every training shard up front; returns the tokens the loader uses in one pass."""
     usable = 0
     for path in files:
         num_tokens = read_shard_header(path)
-        if num_tokens < step_tokens + 1:
-            raise DataError(f"{path}: holds {num_tokens} tokens, fewer than one training step needs "
-                            f"({step_tokens} + 1); use larger shards or a smaller --train_batch_tokens")
-        usable += (num_tokens - 1) // step_tokens * step_tokens
+        if steps_in_shard(num_tokens, step_tokens) == 0:
+            raise DataError(f"{path}: holds {num_tokens} tokens; one training step needs more than "
+                            f"{step_tokens} + 1; use larger shards or a smaller --train_batch_tokens")
+        usable += steps_in_shard(num_tokens, step_tokens) * step_tokens
     return usable
 
 
-def train_batches(files: list[Path], s: Settings, runtime: Runtime):
-    """Yields this rank's (inputs, targets) micro-batches forever, cycling through the files.
+class TrainLoader:
+    """This rank's (inputs int32, targets int64) micro-batches on its device, forever, cycling the files.
 
-    A step takes train_batch_tokens consecutive tokens as sequences j = 0, 1, ... of train_seq_len (+1
-    for the shifted targets); sequence j goes to rank j % W at micro-step j // W. So 1 rank with 8
-    micro-steps and 8 ranks with 1 see the same sequences in the same optimizer step.
+    A step takes train_batch_tokens consecutive tokens from `position` in file `file_index` as sequences
+    j = 0, 1, ... of train_seq_len (+1 for the shifted targets); sequence j goes to rank j % W at
+    micro-step j // W. So 1 rank with 8 micro-steps and 8 ranks with 1 see the same sequences in the
+    same optimizer step. A step that would reach a shard's last token starts the next file instead (the
+    public loader's rule: position + batch + 1 >= tokens). Between optimizer steps (file_index,
+    position) is the whole state: a loader made with them continues the same stream. The next file is
+    read on a background thread while this one is in use; tokens cross to the GPU as uint16.
     """
-    seq_len = s.train_seq_len
 
-    def load(path: Path) -> Tensor:  # pinned on CUDA, so copies to the GPU do not stall the host
-        tokens = load_shard(path, s.vocab_size)
-        return tokens.pin_memory() if runtime.device.type == "cuda" else tokens
+    def __init__(self, files: list[Path], s: Settings, runtime: Runtime, file_index: int = 0, position: int = 0):
+        self.files, self.runtime, self.vocab_size = files, runtime, s.vocab_size
+        self.seq_len, self.step_tokens = s.train_seq_len, s.train_batch_tokens
+        self.file_index, self.position, self.micro_step = file_index, position, 0
+        self.pin_memory = runtime.device.type == "cuda"
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
+        self.tokens = load_shard(files[file_index], self.vocab_size, self.pin_memory)
+        self.next_tokens = self._read_ahead()
 
-    file_index, tokens, position = 0, load(files[0]), 0
-    while True:
-        if position + s.train_batch_tokens + 1 > tokens.numel():
-            file_index = (file_index + 1) % len(files)
-            tokens, position = load(files[file_index]), 0
-        for micro_step in range(runtime.grad_accum_steps):
-            start = position + (micro_step * runtime.world_size + runtime.rank) * seq_len
-            window = tokens[start:start + seq_len + 1].to(runtime.device, non_blocking=True)
-            yield window[:-1], window[1:].long()
-        position += s.train_batch_tokens
+    def _read_ahead(self) -> Future:
+        next_file = self.files[(self.file_index + 1) % len(self.files)]
+        return self.reader.submit(load_shard, next_file, self.vocab_size, self.pin_memory)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        runtime = self.runtime
+        if self.micro_step == 0 and self.position + self.step_tokens + 1 >= self.tokens.numel():
+            self.file_index, self.position = (self.file_index + 1) % len(self.files), 0
+            self.tokens = self.next_tokens.result()
+            self.next_tokens = self._read_ahead()
+        start = self.position + (self.micro_step * runtime.world_size + runtime.rank) * self.seq_len
+        window = self.tokens[start:start + self.seq_len + 1].to(runtime.device, non_blocking=True)  # (T+1,) uint16
+        self.micro_step += 1
+        if self.micro_step == runtime.grad_accum_steps:
+            self.micro_step, self.position = 0, self.position + self.step_tokens
+        return window[:-1].to(torch.int32), window[1:].to(torch.int64)
 
 
 def load_val_tokens(files: list[Path], s: Settings) -> Tensor:
-    """The first val_tokens + 1 tokens of the concatenated validation files (+1 for the last target)."""
+    """The first val_tokens + 1 tokens (int32) of the concatenated validation files (+1 for the last target)."""
     needed = s.val_tokens + 1
     parts, have = [], 0
     for path in files:
@@ -999,31 +1072,114 @@ def load_val_tokens(files: list[Path], s: Settings) -> Tensor:
     if have < needed:
         raise DataError(f"--val_files={s.val_files!r} hold {have} tokens, fewer than --val_tokens={s.val_tokens} "
                         "+ 1; lower --val_tokens (a multiple of --val_seq_len) or add validation data")
-    return torch.cat(parts)
+    return torch.cat(parts).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 8. Training loop and logs
 
 
-def all_reduce_gradients(model: nn.Module, world_size: int):
-    if world_size == 1:
-        return
-    handles = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in model.parameters()]
-    for handle in handles:
-        handle.wait()
+GRADIENT_BUCKET_BYTES = 32 * 2**20  # all-reduce granularity: large enough for bandwidth, small enough to start early
 
 
-def train_step(model: nn.Module, optimizers, batches, step: int, s: Settings, runtime: Runtime) -> Tensor:
+class GradientReducer:
+    """Turns the summed gradients of A micro-steps on W ranks into their mean: grad <- sum / (A * W).
+
+    Each micro-step backpropagates its own undivided mean loss, so every backward (the FP8 head's e5m2
+    cast in particular) sees the magnitudes of a run with one micro-step per rank; the accumulated
+    gradients are divided by A once, here (exact when A is a power of two, as at 1, 2, 4, 8 ranks).
+
+    With W > 1 ranks the parameters form buckets of one dtype, in reverse model order (about the order
+    backward finishes them). During the last micro-step's backward, post-accumulate-grad hooks count the
+    finished gradients; when a bucket's last one is final, its gradients are divided by A into one flat
+    buffer, which is all-reduced (average over ranks) asynchronously while backward goes on. finish()
+    waits for every bucket and points each .grad at its slice of the reduced buffer. Under torch.compile
+    the model's backward is one autograd node, so the hooks fire only after all of it: the reductions
+    then overlap one another, not the backward's compute (eagerly they overlap it).
+    """
+
+    def __init__(self, params, runtime: Runtime, bucket_bytes: int = GRADIENT_BUCKET_BYTES):
+        self.world_size, self.accum_steps = runtime.world_size, runtime.grad_accum_steps
+        self.params = [p for p in params if p.requires_grad]
+        self.buckets: list[list[Tensor]] = []
+        self.bucket_of: dict[Tensor, int] = {}
+        self.ready_counts: list[int] = []
+        self.pending = []  # (all-reduce handle, flat reduced buffer, its parameters)
+        self.last_micro_step = False
+        if self.world_size == 1:
+            return
+        open_bucket: dict[torch.dtype, tuple[int, int]] = {}  # dtype -> (bucket index, bytes so far)
+        for param in reversed(self.params):
+            index, size = open_bucket.get(param.dtype, (-1, bucket_bytes))
+            if size + param.numel() * param.element_size() > bucket_bytes:
+                index, size = len(self.buckets), 0
+                self.buckets.append([])
+            self.buckets[index].append(param)
+            self.bucket_of[param] = index
+            open_bucket[param.dtype] = (index, size + param.numel() * param.element_size())
+            param.register_post_accumulate_grad_hook(self._gradient_ready)
+        self.ready_counts = [0] * len(self.buckets)
+
+    def start_last_micro_step(self):
+        """Arms the hooks: the next backward completes the gradients."""
+        self.last_micro_step = True
+
+    def _gradient_ready(self, param: Tensor):
+        if not self.last_micro_step:
+            return
+        index = self.bucket_of[param]
+        self.ready_counts[index] += 1
+        if self.ready_counts[index] == len(self.buckets[index]):
+            self._launch(self.buckets[index])
+
+    def _launch(self, params: list[Tensor]):
+        flat = params[0].new_empty(sum(p.numel() for p in params))
+        offset = 0
+        for param in params:
+            torch.div(param.grad, self.accum_steps, out=flat[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
+        self.pending.append((dist.all_reduce(flat, op=dist.ReduceOp.AVG, async_op=True), flat, params))
+
+    def finish(self):
+        """Waits for the reductions; afterwards every .grad holds the mean over micro-steps and ranks."""
+        self.last_micro_step = False
+        if self.world_size == 1:
+            if self.accum_steps > 1:
+                torch._foreach_div_([p.grad for p in self.params], self.accum_steps)
+            return
+        if len(self.pending) != len(self.buckets):
+            missing = [i for i, count in enumerate(self.ready_counts) if count < len(self.buckets[i])]
+            raise RuntimeError(f"gradient buckets {missing} never completed: a parameter got no gradient")
+        for handle, flat, params in self.pending:
+            handle.wait()
+            offset = 0
+            for param in params:
+                param.grad = flat[offset:offset + param.numel()].view_as(param)
+                offset += param.numel()
+        self.pending, self.ready_counts = [], [0] * len(self.buckets)
+
+
+def accumulate_gradients(model: nn.Module, reducer: GradientReducer, batches, window_blocks: Tensor,
+                         accum_steps: int) -> Tensor:
+    """Forward and backward of accum_steps micro-batches, each on its own (undivided) mean loss, then the
+    reduction; returns this rank's mean loss (a device tensor: no sync)."""
+    losses = []
+    for micro_step in range(accum_steps):
+        if micro_step == accum_steps - 1:
+            reducer.start_last_micro_step()
+        inputs, targets = next(batches)
+        loss = model(inputs, targets, window_blocks)
+        loss.backward()
+        losses.append(loss.detach())
+    reducer.finish()
+    return losses[0] if accum_steps == 1 else torch.stack(losses).mean()
+
+
+def train_step(model: nn.Module, optimizers, reducer: GradientReducer, batches, step: int, s: Settings,
+               runtime: Runtime) -> Tensor:
     """One optimizer step over grad_accum_steps micro-batches; returns this rank's mean loss (no sync)."""
     window_blocks = window_blocks_tensor(step, s, runtime.device)
-    total_loss = torch.zeros((), device=runtime.device)
-    for _ in range(runtime.grad_accum_steps):
-        inputs, targets = next(batches)
-        loss = model(inputs, targets, window_blocks) / runtime.grad_accum_steps
-        loss.backward()
-        total_loss += loss.detach()
-    all_reduce_gradients(model, runtime.world_size)
+    loss = accumulate_gradients(model, reducer, batches, window_blocks, runtime.grad_accum_steps)
     factor = lr_factor(step, s)
     muon = optimizers[0]
     for group in muon.param_groups:
@@ -1033,7 +1189,7 @@ def train_step(model: nn.Module, optimizers, batches, step: int, s: Settings, ru
             group["lr"] = group["initial_lr"] * factor
         optimizer.step()
     model.zero_grad(set_to_none=True)
-    return total_loss
+    return loss
 
 
 @torch.no_grad()
@@ -1052,7 +1208,7 @@ def validation_loss(model: nn.Module, val_tokens: Tensor, step: int, s: Settings
     return loss_sum.item() / num_sequences
 
 
-def warm_up_kernels(model: nn.Module, optimizers, s: Settings, runtime: Runtime):
+def warm_up_kernels(model: nn.Module, optimizers, reducer: GradientReducer, s: Settings, runtime: Runtime):
     """Compiles and warms kernels on random tokens, then restores the initial model and optimizer state,
     so the timed run starts from exactly the same point as an unwarmed one."""
     if s.warmup_steps == 0:
@@ -1068,7 +1224,7 @@ def warm_up_kernels(model: nn.Module, optimizers, s: Settings, runtime: Runtime)
 
     batches = random_batches()
     for step in range(s.warmup_steps):
-        train_step(model, optimizers, batches, step, s, runtime)
+        train_step(model, optimizers, reducer, batches, step, s, runtime)
     model.load_state_dict(initial_state["model"])
     for optimizer, state in zip(optimizers, initial_state["optimizers"]):
         optimizer.load_state_dict(state)
@@ -1366,6 +1522,7 @@ def train(s: Settings, runtime: Runtime):
     raw_model = build_model(s, runtime)
     model = torch.compile(raw_model, dynamic=False) if s.compile else raw_model
     optimizers = build_optimizers(raw_model, s, runtime)
+    reducer = GradientReducer(raw_model.parameters(), runtime)
 
     run_id = s.run_id or str(uuid.uuid4())
     log_path = Path(s.log_dir) / f"{run_id}.txt"
@@ -1380,8 +1537,8 @@ def train(s: Settings, runtime: Runtime):
             print(f"note: the run needs {needed} training tokens but the files hold {usable_train_tokens}: "
                   "the data will be repeated", flush=True)
 
-    warm_up_kernels(model, optimizers, s, runtime)
-    batches = train_batches(train_files, s, runtime)
+    warm_up_kernels(model, optimizers, reducer, s, runtime)
+    batches = TrainLoader(train_files, s, runtime)
     loss_watch = NonFiniteLossWatch(runtime)
     training_time_ms = 0.0
     runtime.synchronize()
@@ -1402,7 +1559,7 @@ def train(s: Settings, runtime: Runtime):
             started = time.perf_counter()
         if last_step:
             break
-        loss_watch.record(train_step(model, optimizers, batches, step, s, runtime), step + 1)
+        loss_watch.record(train_step(model, optimizers, reducer, batches, step, s, runtime), step + 1)
         elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - started)
         log.line(f"step:{step + 1}/{s.num_iterations} train_time:{elapsed_ms:.0f}ms "
                  f"step_avg:{elapsed_ms / (step + 1):.2f}ms")

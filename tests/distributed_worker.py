@@ -46,10 +46,11 @@ def run_training(rank: int, world_size: int, args: list[str]) -> dict:
     runtime = T.resolve_runtime(settings, rank, world_size, 0)
     model = T.build_model(settings, runtime)
     optimizers = T.build_optimizers(model, settings, runtime)
-    batches = T.train_batches(T.find_shards(settings.train_files, "train_files"), settings, runtime)
+    reducer = T.GradientReducer(model.parameters(), runtime)
+    batches = T.TrainLoader(T.find_shards(settings.train_files, "train_files"), settings, runtime)
     losses = []
     for step in range(settings.num_iterations):
-        loss = T.train_step(model, optimizers, batches, step, settings, runtime)
+        loss = T.train_step(model, optimizers, reducer, batches, step, settings, runtime)
         if world_size > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         losses.append(loss.item())

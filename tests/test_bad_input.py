@@ -185,8 +185,8 @@ def test_non_finite_loss_mid_run_stops_at_that_step(data_dir, capsys, monkeypatc
     """A test hook makes step 13's loss NaN; the run stops at the next check (step 20), naming step 13."""
     real_train_step = T.train_step
 
-    def train_step(model, optimizers, batches, step, *args):
-        loss = real_train_step(model, optimizers, batches, step, *args)
+    def train_step(model, optimizers, reducer, batches, step, *args):
+        loss = real_train_step(model, optimizers, reducer, batches, step, *args)
         return loss * float("nan") if step + 1 == 13 else loss
 
     monkeypatch.setattr(T, "train_step", train_step)

@@ -21,6 +21,7 @@ REQUIRED_FIGURES = [
     "flops.attention_flops_per_token", "flops.flops_per_token",
     "step.fwd_bwd_ms", "step.fwd_bwd_tokens_per_s", "step.achieved_tflops", "step.mfu_percent",
     "step.train_step_ms", "step.muon_ms", "step.muon_rank_share_ms", "step.adam_ms", "step.data_ms",
+    "step.shard_load_old_s", "step.shard_load_new_s",
     "step.predicted_step_ms", "step.predicted_total_s", "step.predicted_mfu_percent",
     "breakdown.whole_step_ms",
     "learning_proxy.initial_val_loss", "learning_proxy.final_val_loss", "learning_proxy.train_time_s",
