@@ -1012,8 +1012,9 @@ def check_train_files(files: list[Path], step_tokens: int) -> int:
     for path in files:
         num_tokens = read_shard_header(path)
         if steps_in_shard(num_tokens, step_tokens) == 0:
-            raise DataError(f"{path}: holds {num_tokens} tokens; one training step needs more than "
-                            f"{step_tokens} + 1; use larger shards or a smaller --train_batch_tokens")
+            raise DataError(f"{path}: holds {num_tokens} tokens, fewer than one training step needs "
+                            f"({step_tokens} + 2, as the loader moves on when position + batch + 1 >= tokens); "
+                            "use larger shards or a smaller --train_batch_tokens")
         usable += steps_in_shard(num_tokens, step_tokens) * step_tokens
     return usable
 

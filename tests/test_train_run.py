@@ -110,7 +110,7 @@ BAD_SETTING_CASES = [
     (["--train_files=nothing/here_*.bin"], "no files match --train_files='nothing/here_*.bin'"),
     (["--val_files=nothing/here_*.bin"], "no files match --val_files="),
     (["--val_tokens=32768"], "fewer than --val_tokens=32768"),
-    (["--train_batch_tokens=8192"], "fewer than one training step needs (8192 + 1)"),
+    (["--train_batch_tokens=8192"], "fewer than one training step needs (8192 + 2"),
     (["--device=cuda"], "no CUDA GPU is visible"),
     (["--attention_backend=flex"], "FlexAttention has no backward on CPU"),
     (["--num_iteration=5"], "unknown setting --num_iteration"),
