@@ -135,8 +135,8 @@ def test_loader_restarts_from_its_file_index_and_position(tmp_path):
 def test_loader_reads_the_next_shard_on_a_background_thread(tmp_path, monkeypatch):
     files = shards(tmp_path, [2 * STEP_TOKENS + 5] * 3)
     reads, load_shard = [], T.load_shard
-    monkeypatch.setattr(T, "load_shard", lambda path, pin_memory=False: reads.append(
-        (path.name, threading.current_thread().name)) or load_shard(path, pin_memory))
+    monkeypatch.setattr(T, "load_shard", lambda path, *args: reads.append(
+        (path.name, threading.current_thread().name)) or load_shard(path, *args))
     runtime = cpu_runtime(0, 1)
     loader = T.TrainLoader(files, loader_settings(), runtime)
     take(loader, runtime, 5)  # steps 3 and 5 start files 1 and 2
@@ -149,7 +149,7 @@ def test_loader_reads_the_next_shard_on_a_background_thread(tmp_path, monkeypatc
 def test_load_shard_reads_uint16_tokens_and_validation_stays_int32(tmp_path):
     tokens = np.arange(1000) * 50 % 50257
     path = write_shard(tmp_path / "val_000000.bin", tokens)
-    loaded = T.load_shard(path)
+    loaded = T.load_shard(path, 50257)
     assert loaded.dtype == torch.uint16 and np.array_equal(loaded.numpy(), tokens)
     s = dataclasses.replace(T.Settings(), val_tokens=512)
     val = T.load_val_tokens([path], s)
