@@ -179,7 +179,8 @@ VENV = gpu_check.venv_dir(*gpu_check.pinned_versions())
 def test_check_fails_for_a_model_that_does_not_compile_for_the_gpu(tmp_path):
     # FlexAttention on CUDA needs mask blocks that its kernel tiles divide: 32-token blocks do not lower
     command = [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--no-kernels", "--only=eval",
-               f"--out={tmp_path}", "--preset=tiny", "--device=cuda", "--attention_backend=flex", "--val_tokens=2048"]
+               f"--out={tmp_path}", "--preset=tiny", "--device=cuda", "--attention_backend=flex", "--num_layers=2",
+               "--attention_layout=L-", "--value_embed_layout=0-", "--val_seq_len=512", "--val_tokens=512"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900,
                             env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")))
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
