@@ -197,6 +197,9 @@ def _host_data_through_the_dispatcher():
 
     torch.tensor = tensor
     torch.Tensor.new_tensor = new_tensor
+    for name in ("empty", "zeros", "ones"):
+        factory = getattr(torch, name)
+        setattr(torch, name, (lambda make: lambda *args, pin_memory=False, **kwargs: make(*args, **kwargs))(factory))
     torch.Tensor.pin_memory = lambda self, device=None: self
     torch.Tensor.is_pinned = lambda self, device=None: self.device.type == "cpu"
 

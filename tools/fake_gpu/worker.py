@@ -3,7 +3,7 @@
     python -m fake_gpu.worker --gpu=h100 --nproc=8 --out=DIR [--no-kernels] [--only=train|eval] [--name=value ...]
 
 It runs train_gpt.py's own code on FakeTensors of a fake GPU, in the order of the training loop:
-  1. build_model, torch.compile, build_optimizers, as train() does;
+  1. build_model, torch.compile, build_optimizers, GradientReducer, TrainLoader, as train() does;
   2. validation_loss at step 0 and train_step at step 0: dynamo, AOTAutograd and inductor generate the
      compiled graphs (forward, backward, evaluation) and every Triton kernel;
   3. train_step at the last step and validation_loss at the end, with the last window size: any new
@@ -169,14 +169,16 @@ def trace(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
     shard = work_dir / "tokens.bin"
     write_token_shard(T, shard, max(s.train_batch_tokens, s.val_tokens) + 1)
     do_train, do_eval = only in (None, "train"), only in (None, "eval")
+    # host-side data is real (read from the shard outside the fake mode); only device tensors are fake
+    val_tokens = T.load_val_tokens([shard], s) if do_eval else None
+    counter = HostSyncCounter("cuda")
+    batches = paused_during(iter(T.TrainLoader([shard], s, runtime)), counter)
     with fake_mode:
         with module_conversion_by_replacement():
             raw_model = T.build_model(s, runtime)
         model = torch.compile(raw_model, dynamic=False) if s.compile else raw_model
         optimizers = T.build_optimizers(raw_model, s, runtime)
-        val_tokens = T.load_val_tokens([shard], s) if do_eval else None
-        counter = HostSyncCounter("cuda")
-        batches = paused_during(T.train_batches([shard], s, runtime), counter)
+        reducer = T.GradientReducer(raw_model.parameters(), runtime)
         last_step = s.num_iterations - 1
 
         def run(phase: str, fn):
@@ -210,10 +212,10 @@ def trace(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
             run("eval_first_window", lambda: T.validation_loss(model, val_tokens, 0, s, runtime))
             raw_model.train()
         if do_train:
-            run("train_first_window", lambda: T.train_step(model, optimizers, batches, 0, s, runtime))
+            run("train_first_window", lambda: T.train_step(model, optimizers, reducer, batches, 0, s, runtime))
         # 3: last window, counted: syncs, copies, memory, recompiles
         for phase, enabled, fn in (
-                ("train_last_window", do_train, lambda: T.train_step(model, optimizers, batches, last_step, s, runtime)),
+                ("train_last_window", do_train, lambda: T.train_step(model, optimizers, reducer, batches, last_step, s, runtime)),
                 ("eval_last_window", do_eval, lambda: T.validation_loss(model, val_tokens, s.num_iterations, s, runtime))):
             if not enabled or results["errors"]:
                 continue
