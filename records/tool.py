@@ -729,6 +729,9 @@ def command_significance(args: argparse.Namespace) -> int:
                       f"before its final validation" if log.steps else
                       f"not counted: {log.path}: the log has no step line")
                 continue
+            if not math.isfinite(log.final_val_loss):
+                print(f"not counted: {log.path}: the final val loss is {log.final_val_loss} (the run diverged)")
+                continue
             losses.append(log.final_val_loss)
             times_ms.append(log.training_time_ms)
             steps.append(log.last_step)

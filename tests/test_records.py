@@ -759,10 +759,14 @@ def test_significance_leaves_out_incomplete_runs_with_one_line(tmp_path, capsys)
         write_run(tmp_path / f"run{seed}.txt", seed, final)
     steps = make_steps(20, 5, 4.0, np.random.default_rng(3))[:9]
     write_lines(tmp_path / "partial.txt", log_lines(steps, 20, our_environment({}))[:-1])
+    diverged = log_lines(make_steps(20, 5, 4.0, np.random.default_rng(4)), 20, our_environment({}))
+    diverged[-2] = re.sub(r"val_loss:\S+", "val_loss:nan", diverged[-2])
+    write_lines(tmp_path / "diverged.txt", [*diverged, "stopped: non-finite validation loss at step 20"])
     assert tool.main(["significance", str(tmp_path)]) == 0
     output = capsys.readouterr().out
     assert f"not counted: {tmp_path / 'partial.txt'}: the run stopped at step {steps[-1].step} of 20 before its " \
            f"final validation\n" in output
+    assert f"not counted: {tmp_path / 'diverged.txt'}: the final val loss is nan (the run diverged)\n" in output
     assert "runs: 3" in output
     assert f"p = {stats.ttest_1samp(finals, 3.28, alternative='less').pvalue:.3g}" in output
 
