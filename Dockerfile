@@ -15,7 +15,7 @@ ENV PATH=/venv/bin:$PATH
 RUN pip install torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130
 COPY requirements.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt numpy==2.4.6 huggingface_hub==2.4.0 tqdm==4.70.1 tiktoken==0.14.0 \
-    scipy==1.17.1 matplotlib==3.11.2 pytest==9.0.3
+    scipy==1.17.1 matplotlib==3.11.2 safetensors==0.8.0 pytest==9.0.3
 
 WORKDIR /speedrun
 CMD ["./run.sh"]

@@ -7,9 +7,10 @@ Sections, top to bottom:
   1. Settings            5. Model
   2. Distributed setup   6. Attention masks
   3. FP8 matmul op       7. Data loading
-  4. Optimizers          8. Training loop and logs
+  4. Optimizers          8. Training loop, logs, stop signals and checkpoints
 """
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -17,13 +18,17 @@ import errno
 import functools
 import glob
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import resource
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -135,7 +140,11 @@ class Settings:
     seed: int = setting(0, "random seed for the model init", Range(0, 2**63 - 1))
     log_dir: str = setting("logs", "folder for the run log <run_id>.txt (rank 0)")
     run_id: str = setting("", "log file name; empty: a random UUID")
-    save_checkpoint: bool = setting(False, "save the final model to <log_dir>/<run_id>_final.pt")
+    checkpoint_every: int = setting(0, "checkpoint every this many steps and at the end, in <log_dir>/<run_id>/; 0: off")
+    checkpoint_keep: int = setting(2, "checkpoints to keep (the newest)")
+    resume: str = setting("", "continue from a checkpoint file, or auto: the newest valid one of --run_id (none: start)")
+    save_checkpoint: bool = setting(False, "write the final checkpoint even when --checkpoint_every=0")
+    save_safetensors: bool = setting(False, "also write the final weights as <log_dir>/<run_id>/final.safetensors")
     preset: str = setting("", "apply a preset first (tiny: a small CPU-sized run), then the other flags")
     check_only: bool = setting(False, "check settings, memory, data and log folder, then exit (run.sh does this first)")
     allow_val_in_train: bool = setting(False, "run even when a validation file is also a training file (warns)")
@@ -576,19 +585,28 @@ class Muon(torch.optim.Optimizer):
         scale = max(1.0, param.size(-2) / param.size(-1)) ** 0.5
         param.add_(update.view(param.shape), alpha=-lr * scale)
 
-    def owned_updates(self, rank: int, world_size: int):
-        """Yields (update, chunk, lr) for every chunk of world_size same-size matrices: the update is
-        rank's own orthogonalised matrix of the chunk (zeros, flat, when the chunk is too short to give it
-        one). step() runs this with the optimizer's own rank; benchmark.py times one rank's share with it."""
+    def chunks(self, world_size: int):
+        """Yields (chunk, group): runs of world_size same-size matrices of a group; by the ownership rule
+        rank r owns chunk[r], and a chunk shorter than world_size leaves the last ranks idle."""
         for group in self.param_groups:
             params = group["params"]
             for base in range(0, len(params), world_size):
-                chunk = params[base:base + world_size]
-                if rank < len(chunk):
-                    update = self._orthogonal_update(chunk[rank], group["momentum"])
-                else:
-                    update = params[0].new_zeros(params[0].numel(), dtype=self.ns_dtype)
-                yield update, chunk, group["lr"]
+                yield params[base:base + world_size], group
+
+    def owned_parameters(self, rank: int, world_size: int) -> list[Tensor]:
+        """The matrices whose momentum buffers rank keeps (checkpoints gather and scatter them by this)."""
+        return [chunk[rank] for chunk, _ in self.chunks(world_size) if rank < len(chunk)]
+
+    def owned_updates(self, rank: int, world_size: int):
+        """Yields (update, chunk, lr) for every chunk: the update is rank's own orthogonalised matrix of
+        the chunk (zeros, flat, when the chunk is too short to give it one). step() runs this with the
+        optimizer's own rank; benchmark.py times one rank's share with it."""
+        for chunk, group in self.chunks(world_size):
+            if rank < len(chunk):
+                update = self._orthogonal_update(chunk[rank], group["momentum"])
+            else:
+                update = chunk[0].new_zeros(chunk[0].numel(), dtype=self.ns_dtype)
+            yield update, chunk, group["lr"]
 
     @torch.no_grad()
     def step(self):
@@ -680,9 +698,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # x (B, T, H, D)
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:  # x (B, T, H, D) at positions offset...offset+T-1
         seq_len = x.size(1)
-        cos, sin = self.cos[None, :seq_len, None, :], self.sin[None, :seq_len, None, :]
+        cos, sin = (table[None, offset:offset + seq_len, None, :] for table in (self.cos, self.sin))
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
@@ -710,15 +728,19 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(s.head_dim, max_seq_len)
         self.proj = CastedLinear(s.num_heads * s.head_dim, s.model_dim, zero_init=True)
 
-    def forward(self, x: Tensor, value_embed: Tensor | None, mask: AttentionMask) -> Tensor:
+    def forward(self, x: Tensor, value_embed: Tensor | None, mask: AttentionMask,
+                cache: "LayerCache | None" = None) -> Tensor:
         batch, seq_len, _ = x.shape
+        offset = 0 if cache is None else cache.length
         qkv = F.linear(x, self.qkv_weight.flatten(end_dim=1).type_as(x))  # (B, T, 3*H*D)
         q, k, v = qkv.view(batch, seq_len, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)  # (B, T, H, D)
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        q, k = self.rotary(rms_norm(q), offset), self.rotary(rms_norm(k), offset)
         if value_embed is not None:
             v = self.value_lambdas[0] * v + self.value_lambdas[1] * value_embed.view_as(v)
         else:
             v = self.value_lambdas[0] * v
+        if cache is not None:  # attend over the cached keys and values too: (B, offset + T, H, D)
+            k, v = cache.append(k, v)
         y = attention(q, k, v, mask, self.scale)
         return self.proj(y.reshape(batch, seq_len, self.num_heads * self.head_dim))
 
@@ -740,10 +762,11 @@ class Block(nn.Module):
         self.mlp = MLP(s.model_dim, s.mlp_ratio * s.model_dim)
         self.embed_mix = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
 
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, mask: AttentionMask | None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, mask: AttentionMask | None,
+                cache: "LayerCache | None" = None) -> Tensor:
         x = self.embed_mix[0] * x + self.embed_mix[1] * x0
         if self.attn is not None:
-            x = x + self.attn(rms_norm(x), value_embed, mask)
+            x = x + self.attn(rms_norm(x), value_embed, mask, cache)
         return x + self.mlp(rms_norm(x))
 
 
@@ -757,7 +780,7 @@ def padded_vocab_size(vocab_size: int) -> int:
 class GPT(nn.Module):
     def __init__(self, s: Settings, attention_backend: str, savers: MemorySavers = MemorySavers()):
         super().__init__()
-        max_seq_len = max(s.train_seq_len, s.val_seq_len)
+        self.max_seq_len = max_seq_len = max(s.train_seq_len, s.val_seq_len)  # rotary table length
         self.block_size, self.logit_cap, self.fp8_head = s.block_size, s.logit_cap, s.fp8_head
         self.attention_backend = attention_backend  # "flex" or "sdpa"
         self.savers = savers
@@ -772,16 +795,25 @@ class GPT(nn.Module):
         for embedding in (self.embed, *self.value_embeds):
             nn.init.normal_(embedding.weight)
 
+    def windows(self, window_blocks: Tensor) -> dict[str, Tensor]:
+        """Window in blocks per block kind: long (L) window_blocks, short (S) half of it, at least one."""
+        return {"L": window_blocks, "S": torch.clamp_min(window_blocks // 2, 1)}
+
     def attention_masks(self, input_seq: Tensor, window_blocks: Tensor) -> dict[str, AttentionMask]:
-        long_blocks = window_blocks
-        short_blocks = torch.clamp_min(window_blocks // 2, 1)
-        return attention_masks(input_seq, {"L": long_blocks, "S": short_blocks}, self.block_size,
-                               self.attention_backend)
+        return attention_masks(input_seq, self.windows(window_blocks), self.block_size, self.attention_backend)
 
     def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
         """input_seq, target_seq (T,) one packed sequence; window_blocks: 0-d int tensor, the long window
         in blocks. Returns the mean cross-entropy."""
-        masks = self.attention_masks(input_seq, window_blocks)
+        return self.loss(self.final_hidden(input_seq, window_blocks), target_seq)
+
+    def final_hidden(self, input_seq: Tensor, window_blocks: Tensor, cache: "DecodeCache | None" = None) -> Tensor:
+        """The normed last hidden states (T, dim) of input_seq (T,). With a cache (sampling, dense masks),
+        input_seq continues the cached tokens, and its keys and values join the cache."""
+        if cache is None:
+            masks = self.attention_masks(input_seq, window_blocks)
+        else:
+            masks = cache.extend(input_seq, window_blocks, self)
         x = x0 = rms_norm(self.embed(input_seq)[None])  # (1, T, dim)
         value_embeds = [table(input_seq) for table in self.value_embeds]  # each (T, dim)
         num_encoder = len(self.blocks) // 2
@@ -795,10 +827,10 @@ class GPT(nn.Module):
             if i < self.savers.checkpoint_blocks and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, *inputs, use_reentrant=False)  # keeps the inputs, recomputes the rest
             else:
-                x = block(*inputs)
+                x = block(*inputs, None if cache is None else cache.layers[i])
             if i < num_encoder:
                 encoder_outputs.append(x)
-        return self.loss(rms_norm(x)[0], target_seq)
+        return rms_norm(x)[0]
 
     def capped_logits(self, x: Tensor) -> Tensor:
         if self.training and self.fp8_head:
@@ -829,6 +861,40 @@ class GPT(nn.Module):
             else:
                 total = total + self.summed_loss(x_chunk, t_chunk)
         return total / targets.numel()
+
+
+class LayerCache:
+    """One attention layer's keys and values so far, for incremental decoding."""
+
+    def __init__(self):
+        self.keys = self.values = None  # (1, T, H, D)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.size(1)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=1)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=1)
+        return self.keys, self.values
+
+
+class DecodeCache:
+    """The state of an incremental decode: the tokens so far and every layer's keys and values. New
+    tokens attend through dense masks (new tokens x all tokens) made by the training mask function."""
+
+    def __init__(self, num_layers: int):
+        self.tokens = None
+        self.layers = [LayerCache() for _ in range(num_layers)]
+
+    def extend(self, new_tokens: Tensor, window_blocks: Tensor, model: GPT) -> dict[str, Tensor]:
+        start = 0 if self.tokens is None else self.tokens.numel()
+        self.tokens = new_tokens if self.tokens is None else torch.cat([self.tokens, new_tokens])
+        document_ids = (self.tokens == END_OF_TEXT).cumsum(0)
+        queries = torch.arange(start, self.tokens.numel(), device=new_tokens.device)[:, None]
+        keys = torch.arange(self.tokens.numel(), device=new_tokens.device)[None, :]
+        return {kind: make_mask_mod(document_ids, blocks, model.block_size)(None, None, queries, keys)
+                for kind, blocks in model.windows(window_blocks).items()}  # each (new, all)
 
 
 def build_model(s: Settings, runtime: Runtime) -> GPT:
@@ -1077,7 +1143,7 @@ def load_val_tokens(files: list[Path], s: Settings) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Training loop and logs
+# 8. Training loop, logs, stop signals and checkpoints
 
 
 GRADIENT_BUCKET_BYTES = 32 * 2**20  # all-reduce granularity: large enough for bandwidth, small enough to start early
@@ -1209,7 +1275,8 @@ def validation_loss(model: nn.Module, val_tokens: Tensor, step: int, s: Settings
     return loss_sum.item() / num_sequences
 
 
-def warm_up_kernels(model: nn.Module, optimizers, reducer: GradientReducer, s: Settings, runtime: Runtime):
+def warm_up_kernels(model: nn.Module, optimizers, reducer: GradientReducer, s: Settings, runtime: Runtime,
+                    console: "Console"):
     """Compiles and warms kernels on random tokens, then restores the initial model and optimizer state,
     so the timed run starts from exactly the same point as an unwarmed one."""
     if s.warmup_steps == 0:
@@ -1225,48 +1292,187 @@ def warm_up_kernels(model: nn.Module, optimizers, reducer: GradientReducer, s: S
 
     batches = random_batches()
     for step in range(s.warmup_steps):
-        train_step(model, optimizers, reducer, batches, step, s, runtime)
+        what = "compiling the model" if step == 0 and s.compile else "running kernels"
+        with console.activity(f"warmup step {step + 1}/{s.warmup_steps} on random tokens ({what})"):
+            train_step(model, optimizers, reducer, batches, step, s, runtime)
+            runtime.synchronize()
     model.load_state_dict(initial_state["model"])
     for optimizer, state in zip(optimizers, initial_state["optimizers"]):
         optimizer.load_state_dict(state)
 
 
+class Console:
+    """Rank 0's progress messages on stdout. They never go into the log file, which keeps the record format."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def say(self, text: str):
+        if self.enabled:
+            print(text, flush=True)
+
+    @contextlib.contextmanager
+    def activity(self, text: str, every_s: float = 15.0):
+        """Says text, then the elapsed time every every_s seconds while the block runs, then its duration."""
+        if not self.enabled:
+            yield
+            return
+        self.say(f"{text} ...")
+        started, done = time.perf_counter(), threading.Event()
+
+        def tick():
+            while not done.wait(every_s):
+                self.say(f"  ... {text}: {time.perf_counter() - started:.0f} s so far")
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
+        self.say(f"{text}: done in {time.perf_counter() - started:.1f} s")
+
+
+def progress_note(step: int, s: Settings, session_start_step: int, session_start_ms: float, now_ms: float) -> str:
+    """' | 9.8 steps/s, ETA 0:02:48' for the console, from this session's steps and training time."""
+    if step == session_start_step or now_ms <= session_start_ms:
+        return ""
+    steps_per_s = (step - session_start_step) / ((now_ms - session_start_ms) / 1000)
+    eta_s = round((s.num_iterations - step) / steps_per_s)
+    return f" | {steps_per_s:.2f} steps/s, ETA {eta_s // 3600}:{eta_s // 60 % 60:02d}:{eta_s % 60:02d}"
+
+
 class RunLog:
     """Rank 0's log file in the record format. The header is written atomically; each line is then
     appended and flushed, and fsynced at validation lines and at the end, so a crash loses nothing
-    the OS has accepted."""
+    the OS has accepted. A resumed run cuts the log back to the length its checkpoint recorded (lines
+    of steps that will be redone go) and appends to it."""
 
     SEPARATOR = "=" * 100
 
-    def __init__(self, path: Path | None, header: str):
-        self.path, self.file = path, None
+    def __init__(self, path: Path | None, header: str, resume_bytes: int | None = None):
+        self.path, self.file, self.dropped_lines = path, None, 0
         if path is None:
             return
-        temporary = path.with_name(path.name + ".tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "w") as f:
-                f.write(header)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
+            self.restarted = resume_bytes is not None and not (path.exists() and path.stat().st_size >= resume_bytes)
+            if resume_bytes is not None and not self.restarted:
+                with open(path, "r+b") as f:
+                    f.seek(resume_bytes)
+                    self.dropped_lines = f.read().count(b"\n")
+                    f.truncate(resume_bytes)
+                    os.fsync(f.fileno())
+            else:
+                write_file_atomically(path, [header.encode()])
             self.file = open(path, "a")
         except OSError as error:
             raise SettingsError(log_dir_problem(path.parent, error)) from None
 
-    def line(self, text: str, durable: bool = False):
+    def line(self, text: str, durable: bool = False, console_note: str = ""):
         if self.path is None:
             return
-        print(text, flush=True)
+        print(text + console_note, flush=True)
         self.file.write(text + "\n")
         self.file.flush()
         if durable:
             os.fsync(self.file.fileno())
 
+    def bytes_written(self) -> int:
+        """The log's length, made durable first (a checkpoint records it)."""
+        if self.file is None:
+            return 0
+        os.fsync(self.file.fileno())
+        return self.file.tell()
+
     def close(self):
         if self.file is not None:
             os.fsync(self.file.fileno())
             self.file.close()
+
+
+class MetricsFile:
+    """<log_dir>/<run_id>.metrics.jsonl (rank 0): a JSON object per training step (step, train_loss,
+    lr_factor, train_time_ms, tokens) and per validation (step, val_loss, train_time_ms, tokens).
+
+    Train losses reach the host without a sync: each step's loss is copied to pinned memory behind a
+    CUDA event, and its line is written once the event has passed (at once on CPU; every pending line
+    at validations, checkpoints and the end, where the device is synchronised anyway)."""
+
+    def __init__(self, path: Path | None, resume_bytes: int | None = None):
+        self.file, self.pending = None, collections.deque()  # pending: (record, host loss, event or None)
+        if path is None:
+            return
+        if resume_bytes is not None and path.exists() and path.stat().st_size >= resume_bytes:
+            os.truncate(path, resume_bytes)
+            self.file = open(path, "a")
+        else:
+            self.file = open(path, "w")
+
+    def train_step(self, record: dict, loss: Tensor):
+        if self.file is None:
+            return
+        if loss.is_cuda:
+            host_loss = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            host_loss.copy_(loss.detach(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host_loss, event = loss.detach(), None
+        self.pending.append((record, host_loss, event))
+        self.write_ready(wait=False)
+
+    def write_ready(self, wait: bool):
+        while self.pending and (wait or self.pending[0][2] is None or self.pending[0][2].query()):
+            record, host_loss, event = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+            self._write(dict(record, train_loss=host_loss.item()))
+
+    def validation(self, record: dict):
+        if self.file is not None:
+            self.write_ready(wait=True)
+            self._write(record)
+
+    def _write(self, record: dict):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def bytes_written(self) -> int:
+        """The file's length with every pending line written, made durable first."""
+        if self.file is None:
+            return 0
+        self.write_ready(wait=True)
+        os.fsync(self.file.fileno())
+        return self.file.tell()
+
+    def close(self):
+        if self.file is not None:
+            self.write_ready(wait=True)
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+
+class TrainingClock:
+    """Training time in ms: runs during training steps and stops for validation and checkpoints (after
+    a device sync, so queued work is counted). read_ms() while running does not sync."""
+
+    def __init__(self, runtime: Runtime, total_ms: float = 0.0):
+        self.runtime, self.total_ms, self.started = runtime, total_ms, None
+
+    def start(self):
+        self.runtime.synchronize()
+        self.started = time.perf_counter()
+
+    def stop(self):
+        self.runtime.synchronize()
+        self.total_ms = self.read_ms()
+        self.started = None
+
+    def read_ms(self) -> float:
+        running = 0.0 if self.started is None else 1000 * (time.perf_counter() - self.started)
+        return self.total_ms + running
 
 
 def environment_report(s: Settings, runtime: Runtime) -> str:
@@ -1299,10 +1505,114 @@ def peak_memory_line(runtime: Runtime) -> str:
     return f"peak memory allocated: {allocated} MiB reserved: {reserved} MiB"
 
 
-def save_checkpoint_atomically(model: nn.Module, s: Settings, step: int, path: Path):
+# Stop signals. SIGINT (Ctrl-C) and SIGTERM (preemption; torchrun forwards both to every rank) before
+# training starts end the setup at once; during training they let the current step finish, the ranks
+# agree on the step to stop at, a checkpoint and a last log line are written, and the process exits with
+# STOPPED_EXIT_CODE. A second signal exits at once with 128 + the signal number.
+
+STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped early and cleanly; run again with --resume=auto to continue
+
+
+class RunInterrupted(BaseException):
+    """A stop signal before training started (a BaseException like KeyboardInterrupt, so that library
+    code catching Exception does not swallow it)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class StopSignals:
+    """Installs the SIGINT/SIGTERM handlers while in a `with` block; `received` names the first signal."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.training = False  # before training: raise RunInterrupted; during: only set `received`
+        self.announce = True  # rank 0 says what happens; the other ranks stay quiet
+        self.previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exception):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"{name} again: exiting at once, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = name
+        if not self.training:
+            raise RunInterrupted(name)
+        if self.announce:
+            print(f"{name}: finishing the current step, then saving and stopping (send it again to exit at once)",
+                  file=sys.stderr, flush=True)
+
+
+class StopAgreement:
+    """All ranks stop after the same step, without a GPU sync: after every step each rank puts its stop
+    flag into an async MAX all-reduce on a CPU (gloo) group and reads the result one step later, so a
+    signal that reaches any rank stops every rank after the same step (one step later than on one rank).
+    The gloo group also carries the checkpoint's gather of Muon momentum buffers."""
+
+    def __init__(self, signals: StopSignals, runtime: Runtime):
+        self.signals, self.pending = signals, None
+        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.group = dist.new_group(backend="gloo") if runtime.world_size > 1 else None
+
+    def should_stop(self) -> bool:
+        if self.group is None:
+            return self.signals.received is not None
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+            if self.flag.item():
+                return True
+        self.flag.fill_(int(self.signals.received is not None))
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return False
+
+    def close(self):
+        if self.pending is not None:
+            self.pending.wait()
+
+
+# Checkpoints. A file is CHECKPOINT_MAGIC, the payload's length (8 bytes, little-endian) and SHA-256
+# (32 bytes), then the payload: a torch.save dict, loadable with weights_only=True. It holds everything
+# a continuation needs, independent of the world size (Muon momentum is gathered from its owners).
+
+CHECKPOINT_MAGIC = b"train_gpt ckpt1\n"
+CHECKPOINT_PREFIX_BYTES = len(CHECKPOINT_MAGIC) + 8 + 32
+CHECKPOINT_NAME = re.compile(r"step_(\d{6,})\.pt")
+# Settings that do not change the training, so a resumed run may change them; any other difference is refused.
+SETTINGS_FREE_ON_RESUME = ("device", "attention_backend", "compile", "warmup_steps", "val_every", "log_dir",
+                           "run_id", "checkpoint_every", "checkpoint_keep", "resume", "save_checkpoint",
+                           "save_safetensors", "preset")
+
+
+class CheckpointError(DataError):
+    """A checkpoint that is not one, is truncated or corrupt, or cannot continue this run."""
+
+
+def write_file_atomically(path: Path, chunks):
+    """Writes a temporary file, fsyncs it, renames it over path and fsyncs the folder: a crash leaves
+    either the old file or the complete new one."""
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(dict(step=step, settings=dataclasses.asdict(s), model=model.state_dict()), temporary)
+    with open(temporary, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 # Checks before anything is built. main() runs them on every rank (their results agree, so all ranks
@@ -1489,9 +1799,10 @@ class RunDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
 
 
-def nonfinite_loss_message(step: int, kind: str) -> str:
+def nonfinite_loss_message(step: int, kind: str, last_checkpoint: Path | None = None) -> str:
+    saved = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint is not None else ""
     return (f"the {kind} loss is not finite (nan or inf) at step {step}: the run diverged and was stopped; "
-            "lower the learning rates (--muon_lr, --embed_lr, --head_lr, --scalar_lr) or check the data")
+            f"lower the learning rates (--muon_lr, --embed_lr, --head_lr, --scalar_lr) or check the data{saved}")
 
 
 class NonFiniteLossWatch:
@@ -1504,74 +1815,305 @@ class NonFiniteLossWatch:
         bad_step = torch.where(torch.isfinite(loss), NO_BAD_STEP, step)
         torch.minimum(self.first_bad_step, bad_step, out=self.first_bad_step)
 
-    def check(self, log: "RunLog"):
+    def check(self, log: "RunLog", last_checkpoint: Path | None):
         """Stops the run (on every rank) if any rank recorded a non-finite loss."""
         if self.runtime.world_size > 1:
             dist.all_reduce(self.first_bad_step, op=dist.ReduceOp.MIN)
         first_bad_step = int(self.first_bad_step.item())
         if first_bad_step != NO_BAD_STEP:
-            message = nonfinite_loss_message(first_bad_step, "training")
+            message = nonfinite_loss_message(first_bad_step, "training", last_checkpoint)
             log.line(f"stopped: {message}", durable=True)
             raise RunDiverged(message)
 
 
-def train(s: Settings, runtime: Runtime):
+def write_checkpoint(path: Path, state: dict):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    prefix = CHECKPOINT_MAGIC + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest()
+    write_file_atomically(path, [prefix, payload])
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's dict, on CPU; CheckpointError says why a file is not a whole, intact checkpoint."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({error.strerror})") from None
+    if not data.startswith(CHECKPOINT_MAGIC):
+        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint (bad magic bytes)")
+    declared = int.from_bytes(data[len(CHECKPOINT_MAGIC):len(CHECKPOINT_MAGIC) + 8], "little")
+    payload = memoryview(data)[CHECKPOINT_PREFIX_BYTES:]
+    if len(payload) != declared:
+        raise CheckpointError(f"{path}: truncated or padded checkpoint ({len(payload)} payload bytes, "
+                              f"the header says {declared})")
+    if hashlib.sha256(payload).digest() != data[CHECKPOINT_PREFIX_BYTES - 32:CHECKPOINT_PREFIX_BYTES]:
+        raise CheckpointError(f"{path}: corrupt checkpoint (SHA-256 of the contents does not match its header)")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def checkpoint_paths(folder: Path) -> list[Path]:
+    """The run's checkpoints, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(match[1]), path) for path in folder.iterdir() if (match := CHECKPOINT_NAME.fullmatch(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def to_cpu(value):
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(item) for item in value)
+    return value
+
+
+def source_sha256() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def find_resume_checkpoint(s: Settings, folder: Path, console: Console) -> tuple[Path, dict] | None:
+    """--resume=PATH: that checkpoint. --resume=auto: the newest valid one in folder (saying which it
+    skips), or None when there is none yet; it refuses when checkpoints exist but none is valid."""
+    if s.resume != "auto":
+        path = Path(s.resume)
+        return path, read_checkpoint(path)
+    candidates = checkpoint_paths(folder)
+    for path in reversed(candidates):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as error:
+            console.say(f"--resume=auto: skipping {error}; falling back to the previous checkpoint")
+    if candidates:
+        raise CheckpointError(f"--resume=auto: none of the {len(candidates)} checkpoints in {folder} is valid "
+                              "(see above); delete them to start the run afresh")
+    console.say(f"--resume=auto: no checkpoint in {folder} yet: starting the run from step 0")
+    return None
+
+
+def check_resumable(path: Path, checkpoint: dict, s: Settings):
+    saved, current = checkpoint["settings"], dataclasses.asdict(s)
+    differing = [f"{name} (checkpoint {saved.get(name)!r}, now {value!r})" for name, value in current.items()
+                 if name not in SETTINGS_FREE_ON_RESUME and saved.get(name, value) != value]
+    if differing:
+        raise CheckpointError(f"cannot resume from {path}: these settings differ from the run's: "
+                              f"{', '.join(differing)}; resume with the settings the run started with")
+    if checkpoint["finished"]:
+        raise CheckpointError(f"{path} is the final checkpoint of a finished run (step {checkpoint['step']}/"
+                              f"{s.num_iterations}): there is nothing to resume")
+
+
+class Checkpoints:
+    """The run's checkpoints in <log_dir>/<run_id>/step_NNNNNN.pt, the newest checkpoint_keep kept."""
+
+    def __init__(self, folder: Path, s: Settings, runtime: Runtime, run_id: str, raw_model: nn.Module,
+                 optimizers, group):
+        self.folder, self.s, self.runtime, self.run_id = folder, s, runtime, run_id
+        self.raw_model, self.optimizers, self.group = raw_model, optimizers, group
+        self.names = {param: name for name, param in raw_model.named_parameters()}
+        self.last_path: Path | None = None
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step_{step:06d}.pt"
+
+    def gather_muon_momentum(self) -> dict[str, Tensor] | None:
+        """Every Muon momentum buffer by parameter name on rank 0 (None elsewhere); each rank holds
+        those of the matrices it owns."""
+        muon, runtime = self.optimizers[0], self.runtime
+        own = {self.names[param]: muon.state[param]["momentum_buffer"].cpu()
+               for param in muon.owned_parameters(runtime.rank, runtime.world_size)
+               if "momentum_buffer" in muon.state[param]}
+        if runtime.world_size == 1:
+            return own
+        parts = [None] * runtime.world_size if runtime.is_main else None
+        dist.gather_object(own, parts, dst=0, group=self.group)
+        return {name: buffer for part in parts for name, buffer in part.items()} if runtime.is_main else None
+
+    def save(self, step: int, finished: bool, training_time_ms: float, loader: TrainLoader, log: RunLog,
+             metrics: MetricsFile) -> Path:
+        """Collective: every rank calls it; rank 0 writes the file."""
+        momentum = self.gather_muon_momentum()
+        path = self.path_for(step)
+        if self.runtime.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            state = dict(
+                step=step, finished=finished, training_time_ms=training_time_ms, run_id=self.run_id,
+                settings=dataclasses.asdict(self.s), source_sha256=source_sha256(),
+                world_size=self.runtime.world_size, model=to_cpu(self.raw_model.state_dict()),
+                adam=to_cpu(self.optimizers[1].state_dict()), muon_momentum=momentum,
+                data=dict(file_index=loader.file_index, position=loader.position),
+                # the trainer draws random numbers from torch only (and from its own seeded generators)
+                rng=dict(torch=torch.get_rng_state(),
+                         cuda=torch.cuda.get_rng_state(self.runtime.device) if self.runtime.device.type == "cuda"
+                         else None),
+                log_bytes=log.bytes_written(), metrics_bytes=metrics.bytes_written(),
+            )
+            write_checkpoint(path, state)
+            for old in checkpoint_paths(self.folder)[:-self.s.checkpoint_keep]:
+                old.unlink()
+        self.last_path = path
+        return path
+
+    def restore(self, checkpoint: dict):
+        muon, adam = self.optimizers
+        self.raw_model.load_state_dict(checkpoint["model"])
+        adam.load_state_dict(checkpoint["adam"])
+        muon.state.clear()
+        for param in muon.owned_parameters(self.runtime.rank, self.runtime.world_size):
+            buffer = checkpoint["muon_momentum"].get(self.names[param])
+            if buffer is not None:
+                muon.state[param]["momentum_buffer"] = buffer.to(param.device, param.dtype)
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if self.runtime.device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.runtime.device)
+
+
+def export_safetensors(raw_model: nn.Module, s: Settings, path: Path):
+    """The weights alone as safetensors, the settings as JSON metadata, for other tools."""
+    from safetensors.torch import save  # imported here: only this export needs the package
+
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in raw_model.state_dict().items()}
+    metadata = {"settings": json.dumps(dataclasses.asdict(s)), "source_sha256": source_sha256()}
+    write_file_atomically(path, [save(tensors, metadata=metadata)])
+
+
+def train(s: Settings, runtime: Runtime, signals: StopSignals | None = None) -> str | None:
+    """Runs the training, or continues it with --resume. Returns None when it ran to the end, or the
+    name of the signal that stopped it early (after a checkpoint, when checkpoints are on)."""
     if runtime.grad_accum_steps * runtime.world_size * s.train_seq_len != s.train_batch_tokens:
         raise ValueError("runtime was resolved for other settings: call resolve_runtime with these settings")
-    train_files, val_files, usable_train_tokens, val_tokens = check_data(s, runtime.is_main)
+    signals = signals or StopSignals()
+    signals.announce = runtime.is_main
+    console = Console(runtime.is_main)
+    if s.resume == "auto" and not s.run_id:
+        raise SettingsError("--resume=auto needs --run_id=NAME: the run whose newest checkpoint to continue")
+    with console.activity("checking the data and loading the validation tokens"):
+        train_files, val_files, usable_train_tokens, val_tokens = check_data(s, runtime.is_main)
 
-    raw_model = build_model(s, runtime)
-    model = torch.compile(raw_model, dynamic=False) if s.compile else raw_model
-    optimizers = build_optimizers(raw_model, s, runtime)
-    reducer = GradientReducer(raw_model.parameters(), runtime)
+    resumed = None
+    run_id = s.run_id
+    if s.resume:
+        resumed = find_resume_checkpoint(s, Path(s.log_dir) / s.run_id, console)
+        if resumed is not None:
+            check_resumable(*resumed, s)
+            run_id = run_id or resumed[1]["run_id"]
+    run_id = run_id or str(uuid.uuid4())
+    checkpoint = resumed[1] if resumed is not None else None
 
-    run_id = s.run_id or str(uuid.uuid4())
+    with console.activity("building the model and optimizers"):
+        raw_model = build_model(s, runtime)
+        model = torch.compile(raw_model, dynamic=False) if s.compile else raw_model
+        optimizers = build_optimizers(raw_model, s, runtime)
+        reducer = GradientReducer(raw_model.parameters(), runtime)
+
     log_path = Path(s.log_dir) / f"{run_id}.txt"
     header = "\n".join([Path(__file__).read_text().rstrip("\n"), RunLog.SEPARATOR,
                         environment_report(s, runtime), RunLog.SEPARATOR, ""])
-    log = RunLog(log_path if runtime.is_main else None, header)
-    if runtime.is_main:
-        print(f"logging to {log_path}; {runtime.world_size} rank(s) x {runtime.grad_accum_steps} micro-step(s) "
-              f"of {s.train_seq_len} tokens on {runtime.device.type}", flush=True)
-        needed = s.num_iterations * s.train_batch_tokens
-        if needed > usable_train_tokens:
-            print(f"note: the run needs {needed} training tokens but the files hold {usable_train_tokens}: "
-                  "the data will be repeated", flush=True)
+    log = RunLog(log_path if runtime.is_main else None, header,
+                 resume_bytes=checkpoint["log_bytes"] if checkpoint else None)
+    metrics = MetricsFile(log_path.with_suffix(".metrics.jsonl") if runtime.is_main else None,
+                          resume_bytes=checkpoint["metrics_bytes"] if checkpoint else None)
+    console.say(f"logging to {log_path}; {runtime.world_size} rank(s) x {runtime.grad_accum_steps} micro-step(s) "
+                f"of {s.train_seq_len} tokens on {runtime.device.type}")
+    needed = s.num_iterations * s.train_batch_tokens
+    if needed > usable_train_tokens:
+        console.say(f"note: the run needs {needed} training tokens but the files hold {usable_train_tokens}: "
+                    "the data will be repeated")
 
-    warm_up_kernels(model, optimizers, reducer, s, runtime)
-    batches = TrainLoader(train_files, s, runtime)
+    try:
+        warm_up_kernels(model, optimizers, reducer, s, runtime, console)
+    except RunInterrupted as interrupted:
+        log.line(f"stopped by {interrupted.signal_name} during the warmup, before training started", durable=True)
+        raise
+    agreement = StopAgreement(signals, runtime)
     loss_watch = NonFiniteLossWatch(runtime)
-    training_time_ms = 0.0
-    runtime.synchronize()
-    started = time.perf_counter()
-    for step in range(s.num_iterations + 1):
+    checkpoints = Checkpoints(Path(s.log_dir) / run_id, s, runtime, run_id, raw_model, optimizers, agreement.group)
+    start_step, clock, data_position = 0, TrainingClock(runtime), (0, 0)
+    if checkpoint is not None:
+        path = resumed[0]
+        with console.activity(f"restoring step {checkpoint['step']} from {path}"):
+            checkpoints.restore(checkpoint)
+        start_step, clock.total_ms = checkpoint["step"], checkpoint["training_time_ms"]
+        data_position = (checkpoint["data"]["file_index"], checkpoint["data"]["position"])
+        checkpoints.last_path = path
+        notes = [f"written by {checkpoint['world_size']} rank(s)"]
+        if log.dropped_lines:
+            notes.append(f"{log.dropped_lines} log lines after the checkpoint dropped (steps to redo)")
+        if log.path is not None and log.restarted:
+            notes.append("the earlier log was missing or shorter than the checkpoint says: new log")
+        if checkpoint["source_sha256"] != source_sha256():
+            notes.append("train_gpt.py has changed since (the header above holds the old source)")
+        log.line(f"resumed at step {start_step}/{s.num_iterations} from {path} on {runtime.world_size} rank(s): "
+                 f"{'; '.join(notes)}", durable=True)
+    loader = TrainLoader(train_files, s, runtime, *data_position)
+
+    signals.training = True
+    stopped_by = None
+    session_start_ms = clock.total_ms  # steps/s and the ETA count this session's steps only
+    clock.start()
+    for step in range(start_step, s.num_iterations + 1):
         last_step = step == s.num_iterations
         if last_step or (s.val_every and step % s.val_every == 0):
-            runtime.synchronize()
-            training_time_ms += 1000 * (time.perf_counter() - started)  # the clock stops for validation
-            val_loss = validation_loss(model, val_tokens, step, s, runtime)
-            log.line(f"step:{step}/{s.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms "
-                     f"step_avg:{training_time_ms / max(step, 1):.2f}ms", durable=True)
+            clock.stop()  # the clock stops for validation
+            metrics.write_ready(wait=True)
+            compiling = step == start_step and s.compile
+            with console.activity("first validation (compiling the evaluation graph)") if compiling \
+                    else contextlib.nullcontext():
+                val_loss = validation_loss(model, val_tokens, step, s, runtime)
+            log.line(f"step:{step}/{s.num_iterations} val_loss:{val_loss:.4f} train_time:{clock.total_ms:.0f}ms "
+                     f"step_avg:{clock.total_ms / max(step, 1):.2f}ms", durable=True)
+            metrics.validation(dict(step=step, val_loss=val_loss, train_time_ms=clock.total_ms,
+                                    tokens=step * s.train_batch_tokens))
             if not math.isfinite(val_loss):
-                log.line(f"stopped: {nonfinite_loss_message(step, 'validation')}", durable=True)
-                raise RunDiverged(nonfinite_loss_message(step, "validation"))
-            loss_watch.check(log)
-            runtime.synchronize()
-            started = time.perf_counter()
+                message = nonfinite_loss_message(step, "validation", checkpoints.last_path)
+                log.line(f"stopped: {message}", durable=True)
+                raise RunDiverged(message)
+            loss_watch.check(log, checkpoints.last_path)
+            clock.start()
         if last_step:
             break
-        loss_watch.record(train_step(model, optimizers, reducer, batches, step, s, runtime), step + 1)
-        elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - started)
+        loss = train_step(model, optimizers, reducer, loader, step, s, runtime)
+        if runtime.world_size > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # queued on the device: no host sync
+        loss_watch.record(loss, step + 1)
+        elapsed_ms = clock.read_ms()
+        metrics.train_step(dict(step=step + 1, lr_factor=lr_factor(step, s), train_time_ms=elapsed_ms,
+                                tokens=(step + 1) * s.train_batch_tokens), loss)
         log.line(f"step:{step + 1}/{s.num_iterations} train_time:{elapsed_ms:.0f}ms "
-                 f"step_avg:{elapsed_ms / (step + 1):.2f}ms")
-        if (step + 1) % LOSS_CHECK_EVERY == 0:
-            loss_watch.check(log)
-    log.line(peak_memory_line(runtime), durable=True)
+                 f"step_avg:{elapsed_ms / (step + 1):.2f}ms",
+                 console_note=progress_note(step + 1, s, start_step, session_start_ms, elapsed_ms))
+        if agreement.should_stop():
+            clock.stop()
+            stopped_by = signals.received or "a signal to another rank"
+            saving = s.checkpoint_every > 0 or s.save_checkpoint
+            where = f"checkpoint {checkpoints.path_for(step + 1)}; continue with --resume=auto" if saving \
+                else "no checkpoint (--checkpoint_every=0)"
+            log.line(f"stopped by {stopped_by} after step {step + 1}/{s.num_iterations}: {where}", durable=True)
+            if saving:
+                loss_watch.check(log, checkpoints.last_path)  # a checkpoint is written only when all is finite
+                checkpoints.save(step + 1, False, clock.total_ms, loader, log, metrics)
+            break
+        if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.num_iterations:
+            clock.stop()  # and for checkpoints
+            loss_watch.check(log, checkpoints.last_path)
+            checkpoints.save(step + 1, False, clock.total_ms, loader, log, metrics)
+            clock.start()
+        elif (step + 1) % LOSS_CHECK_EVERY == 0:
+            loss_watch.check(log, checkpoints.last_path)
+    if stopped_by is None:
+        log.line(peak_memory_line(runtime), durable=True)
+        if s.checkpoint_every or s.save_checkpoint:
+            checkpoints.save(s.num_iterations, True, clock.total_ms, loader, log, metrics)
+        if s.save_safetensors and runtime.is_main:
+            export_safetensors(raw_model, s, checkpoints.folder / "final.safetensors")
+    agreement.close()
+    metrics.close()
     log.close()
-    if s.save_checkpoint and runtime.is_main:
-        save_checkpoint_atomically(raw_model, s, s.num_iterations, Path(s.log_dir) / f"{run_id}_final.pt")
     if runtime.world_size > 1:
         dist.barrier()  # ranks leave together: gloo can abort a rank that tears down while others work
+    return stopped_by
 
 
 def main(argv: list[str]) -> int:
@@ -1579,29 +2121,40 @@ def main(argv: list[str]) -> int:
         print(settings_help())
         return 0
     rank = int(os.environ.get("RANK", 0))
-    try:
-        settings = parse_settings(argv)
-        runtime = resolve_runtime(settings, rank, int(os.environ.get("WORLD_SIZE", 1)),
-                                  int(os.environ.get("LOCAL_RANK", 0)))
-        check_memory(settings, runtime)
-        if settings.check_only:
-            preflight(settings, runtime)
-            return 0
-        init_distributed(runtime)
+    with StopSignals() as signals:
         try:
-            check_log_dir_on_rank0(settings, runtime)
-            train(settings, runtime)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    except (SettingsError, DataError) as error:
+            settings = parse_settings(argv)
+            runtime = resolve_runtime(settings, rank, int(os.environ.get("WORLD_SIZE", 1)),
+                                      int(os.environ.get("LOCAL_RANK", 0)))
+            check_memory(settings, runtime)
+            if settings.check_only:
+                preflight(settings, runtime)
+                return 0
+            init_distributed(runtime)
+            try:
+                check_log_dir_on_rank0(settings, runtime)
+                stopped_by = train(settings, runtime, signals)
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+        except (SettingsError, DataError) as error:
+            if rank == 0:
+                print(f"error: {error}", file=sys.stderr)
+            return 2
+        except RunDiverged as error:
+            if rank == 0:
+                print(f"error: {error}", file=sys.stderr)
+            return 3
+        except RunInterrupted as interrupted:
+            if rank == 0:
+                print(f"stopped by {interrupted.signal_name} before training started: nothing to save",
+                      file=sys.stderr, flush=True)
+            return STOPPED_EXIT_CODE
+    if stopped_by is not None:
         if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    except RunDiverged as error:
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 3
+            print(f"stopped by {stopped_by} (exit status {STOPPED_EXIT_CODE}); see the last log line",
+                  file=sys.stderr, flush=True)
+        return STOPPED_EXIT_CODE
     return 0
 
 

@@ -7,9 +7,13 @@
   python distributed_worker.py reduce OUT    bucketed overlapped gradient reduction vs an all-reduce after
                                              backward, 2 micro-steps; saves both and the event order
 Each rank writes OUT.rank<r>.pt.
+  python distributed_worker.py trainer STOP ... train_gpt.train() in float64 with the given settings; with
+                                             STOP = "K@R" rank R receives SIGTERM during step K (the real
+                                             handler and agreement), "-" for none. Writes the run's own files.
 """
 import copy
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -121,11 +125,36 @@ def run_reduction(rank: int, world_size: int) -> dict:
             "num_buckets": len(reducer.buckets)}
 
 
+def run_trainer(rank: int, world_size: int, stop: str, args: list[str]) -> str | None:
+    """train_gpt.train() in float64 (see run_training), with an optional SIGTERM to one rank mid-run."""
+    torch.set_default_dtype(torch.float64)
+    settings = T.parse_settings(args)
+    runtime = T.resolve_runtime(settings, rank, world_size, 0)
+    if stop != "-":
+        stop_step, stop_rank = map(int, stop.split("@"))
+        original_step = T.train_step
+
+        def train_step_then_signal(model, optimizers, reducer, batches, step, *rest):
+            loss = original_step(model, optimizers, reducer, batches, step, *rest)
+            if step + 1 == stop_step and rank == stop_rank:
+                signal.raise_signal(signal.SIGTERM)
+            return loss
+
+        T.train_step = train_step_then_signal
+    with T.StopSignals() as signals:
+        return T.train(settings, runtime, signals)
+
+
 def main():
     mode, out = sys.argv[1], sys.argv[2]
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1:
         dist.init_process_group("gloo")
+    if mode == "trainer":
+        stopped_by = run_trainer(rank, world_size, out, sys.argv[3:])
+        if world_size > 1:
+            dist.destroy_process_group()
+        sys.exit(T.STOPPED_EXIT_CODE if stopped_by else 0)
     if mode == "muon":
         result = run_muon(rank, world_size)
     elif mode == "reduce":

@@ -182,9 +182,9 @@ def test_two_rank_run_logs_once_and_validates_the_same_tokens(tmp_path):
         result = run_process(trainer_command(args, nproc), cwd=REPO, timeout=600,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
-        logs = list((tmp_path / str(nproc)).iterdir())
-        assert [p.name for p in logs] == [f"run{nproc}.txt"], "exactly one log, from rank 0"
-        text = logs[0].read_text()
+        written = sorted(p.name for p in (tmp_path / str(nproc)).iterdir())
+        assert written == [f"run{nproc}.metrics.jsonl", f"run{nproc}.txt"], "one log and its metrics, from rank 0"
+        text = (tmp_path / str(nproc) / f"run{nproc}.txt").read_text()
         assert f"Device: {nproc} x cpu" in text
         val_losses[nproc] = re.search(r"step:0/2 val_loss:(\d+\.\d+)", text)[1]
         assert re.search(r"step:2/2 val_loss:", text)
