@@ -140,8 +140,9 @@ class Settings:
     seed: int = setting(0, "random seed for the model init", Range(0, 2**63 - 1))
     log_dir: str = setting("logs", "folder for the run log <run_id>.txt (rank 0)")
     run_id: str = setting("", "log file name; empty: a random UUID")
-    checkpoint_every: int = setting(0, "checkpoint every this many steps and at the end, in <log_dir>/<run_id>/; 0: off")
-    checkpoint_keep: int = setting(2, "checkpoints to keep (the newest)")
+    checkpoint_every: int = setting(0, "checkpoint every this many steps and at the end, in <log_dir>/<run_id>/; 0: off",
+                                    NON_NEGATIVE)
+    checkpoint_keep: int = setting(2, "checkpoints to keep (the newest)", POSITIVE)
     resume: str = setting("", "continue from a checkpoint file, or auto: the newest valid one of --run_id (none: start)")
     save_checkpoint: bool = setting(False, "write the final checkpoint even when --checkpoint_every=0")
     save_safetensors: bool = setting(False, "also write the final weights as <log_dir>/<run_id>/final.safetensors")
@@ -1591,7 +1592,7 @@ CHECKPOINT_NAME = re.compile(r"step_(\d{6,})\.pt")
 # Settings that do not change the training, so a resumed run may change them; any other difference is refused.
 SETTINGS_FREE_ON_RESUME = ("device", "attention_backend", "compile", "warmup_steps", "val_every", "log_dir",
                            "run_id", "checkpoint_every", "checkpoint_keep", "resume", "save_checkpoint",
-                           "save_safetensors", "preset")
+                           "save_safetensors", "preset", "check_only", "allow_val_in_train")
 
 
 class CheckpointError(DataError):
