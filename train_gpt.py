@@ -1589,10 +1589,12 @@ class StopAgreement:
 CHECKPOINT_MAGIC = b"train_gpt ckpt1\n"
 CHECKPOINT_PREFIX_BYTES = len(CHECKPOINT_MAGIC) + 8 + 32
 CHECKPOINT_NAME = re.compile(r"step_(\d{6,})\.pt")
-# Settings that do not change the training, so a resumed run may change them; any other difference is refused.
+# Settings that do not change the training (the memory savers recompute the same mathematics), so a
+# resumed run may change them; any other difference is refused.
 SETTINGS_FREE_ON_RESUME = ("device", "attention_backend", "compile", "warmup_steps", "val_every", "log_dir",
                            "run_id", "checkpoint_every", "checkpoint_keep", "resume", "save_checkpoint",
-                           "save_safetensors", "preset", "check_only", "allow_val_in_train")
+                           "save_safetensors", "preset", "check_only", "allow_val_in_train", "checkpoint_blocks",
+                           "loss_chunk_tokens", "memory")
 
 
 class CheckpointError(DataError):

@@ -96,7 +96,7 @@ def ending_losses(model, window_blocks: torch.Tensor, context: list[int], ending
     if tokens.numel() > model.max_seq_len:
         raise EvalError(f"an example packs to {tokens.numel()} tokens, more than the model's {model.max_seq_len}")
     tokens = tokens.to(device)
-    logits = model.capped_logits(model.final_hidden(tokens, window_blocks)).float()  # (T, padded vocab)
+    logits = model.capped_logits(model.final_hidden(tokens, window_blocks))  # (T, padded vocab), fp32 or fp64
     token_losses = F.cross_entropy(logits[:-1], tokens[1:], reduction="none")  # loss at t: predicting t+1
     return [token_losses[positions.to(device)] for positions in target_positions]
 

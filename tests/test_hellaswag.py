@@ -104,7 +104,7 @@ def test_packed_candidates_score_like_separate_sequences():
             logits = model.capped_logits(model.final_hidden(alone, window))
         expected = torch.nn.functional.cross_entropy(logits[:-1], alone[1:], reduction="none")[-len(ending):]
         assert losses.shape == (len(ending),)
-        assert torch.allclose(losses, expected, rtol=0, atol=1e-5), (losses - expected).abs().max()
+        assert torch.allclose(losses, expected, rtol=0, atol=1e-10), (losses - expected).abs().max()
 
 
 def test_command_scores_a_checkpoint_and_rejects_bad_input(tmp_path, capsys, monkeypatch):
