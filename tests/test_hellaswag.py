@@ -115,6 +115,7 @@ def test_command_scores_a_checkpoint_and_rejects_bad_input(tmp_path, capsys, mon
     _, lines = controlled_model_and_examples()
     examples_file = write_jsonl(tmp_path / "val.jsonl", lines)
 
+    capsys.readouterr()  # drop what building the model printed
     assert hellaswag.main([str(checkpoint), f"--file={examples_file}", "--device=cpu"]) == 0
     out = capsys.readouterr().out
     expected = hellaswag.score(model.eval(), torch.tensor(T.window_blocks_at(settings.num_iterations, settings)),
