@@ -828,7 +828,7 @@ class GPT(nn.Module):
             if i < self.savers.checkpoint_blocks and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, *inputs, use_reentrant=False)  # keeps the inputs, recomputes the rest
             else:
-                x = block(*inputs, None if cache is None else cache.layers[i])
+                x = block(*inputs) if cache is None else block(*inputs, cache.layers[i])
             if i < num_encoder:
                 encoder_outputs.append(x)
         return rms_norm(x)[0]
