@@ -336,7 +336,8 @@ def resolve_runtime(s: Settings, rank: int, world_size: int, local_rank: int) ->
 
 
 # Shared memory per block that FlexAttention's largest kernel needs with inductor's default tiles (bf16, head_dim
-# 128), by compute capability: the GPU check's offline compilation for each target (records/benchmarks/). The
+# 128), by compute capability: offline compilation for each target with the GPU check's method (README, "Running
+# on other GPUs"; sm_80/sm_89 at 2,048 tokens, the tiles do not depend on the length). The
 # tiles, hence the need, depend on the architecture; what a GPU offers is its own property (sm_86/sm_89 cards
 # such as RTX 3090/4090 and L40S: 101,376 bytes; A100: 166,912; H100: 232,448).
 FLEX_SHARED_MEMORY_NEEDED = {(8, 0): 99_328, (8, 9): 99_328, (9, 0): 166_400}

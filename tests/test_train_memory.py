@@ -1,12 +1,14 @@
 """Memory savers (activation checkpointing, chunked training loss) against the plain model, the GPU
 capability checks on mocked devices, and --memory=auto's choice from the memory table."""
+import json
+import sys
 import types
 
 import pytest
 import torch
 
 import train_gpt as T
-from conftest import shard_paths
+from conftest import REPO, shard_paths
 from test_train_distributed import launch
 
 # The record's 12-block layout at a width small enough to build and run quickly: 256 tokens, 1024 logits.
@@ -272,3 +274,30 @@ def test_start_up_memory_lower_bound_counts_the_savers():
     # 6 blocks stored -> 2 stored + 1 recomputed at a time; 512 tokens of logits -> 96
     assert saving["activations of one micro-step"][0] * 6 == plain["activations of one micro-step"][0] * 3
     assert saving["logits of one micro-step"][0] * 512 == plain["logits of one micro-step"][0] * 96
+
+
+# What README "Running on other GPUs" documents --memory=auto picks from the committed table (1 rank, FP8 head).
+DOCUMENTED_CHOICES = [(24, T.MemorySavers(checkpoint_blocks=6, loss_chunk_tokens=8192)),
+                      (40, T.MemorySavers()), (80, T.MemorySavers())]
+
+
+@pytest.mark.parametrize("memory_gib,expected", DOCUMENTED_CHOICES)
+def test_memory_auto_picks_the_documented_savers_from_the_committed_table(monkeypatch, memory_gib, expected):
+    fake_gpu(monkeypatch, f"a {memory_gib} GiB GPU", (9, 0), memory_gib * 2**30 / 10**9, 232_448)
+    runtime = T.resolve_runtime(T.parse_settings([]), 0, 1, 0)
+    assert runtime.savers == expected
+    assert any(notice.startswith("--memory=auto:") and "fits" in notice for notice in runtime.notices)
+    explicit = T.resolve_runtime(T.parse_settings(["--checkpoint_blocks=0", "--loss_chunk_tokens=0"]), 0, 1, 0)
+    assert explicit.savers == T.MemorySavers(), "explicit settings win over the table"
+
+
+def test_committed_memory_table_is_the_one_its_reports_give():
+    sys.path.insert(0, str(REPO / "tools"))
+    import memory_table
+
+    reports = [memory_table.read_report(path) for path in sorted((REPO / "records/benchmarks/memory").glob("*/gpu_check.json"))]
+    built = memory_table.build_table(reports)
+    committed = json.loads(T.MEMORY_TABLE_PATH.read_text())
+    assert built["shape"] == committed["shape"] and built["rows"] == committed["rows"], \
+        "stale table: rerun python tools/memory_table.py records/benchmarks/memory/*/gpu_check.json"
+    assert {row["fp8_head"] for row in built["rows"]} == {True, False}
