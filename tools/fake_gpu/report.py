@@ -71,12 +71,12 @@ def findings(traced: dict, gpu_total_memory: int, gpu_name: str, has_fp8: bool) 
     return fatal, notes
 
 
-def assemble(traced: dict, gpu, s, runtime, args, trainer_args: list[str], repo: Path) -> dict:
+def assemble(traced: dict, gpu, s, runtime, args, trainer_args: list[str], commit: tuple[str, bool | None]) -> dict:
     import dataclasses
 
     import torch
     import triton
-    commit, dirty = git_commit(repo)
+    commit, dirty = commit
     if args.commit:
         commit, dirty = args.commit, None
     fatal, notes = findings(traced, gpu.total_memory, gpu.name, gpu.has_fp8)

@@ -242,12 +242,13 @@ def graph_details(s) -> list[dict]:
     for graph in GRAPHS:
         source = Path(graph["wrapper"]).read_text()
         plan = wrapper_memory.replay(source)
-        tokens = s.val_seq_len if graph["kind"] == "inference" else s.train_seq_len
+        tokens = s.val_seq_len if graph["kind"] == "inference" else s.train_seq_len  # per call of the model
         details.append(dict(
             kind=graph["kind"], wrapper=graph["wrapper"], triton_kernels=report.count_triton_kernels(source),
             extern_calls=report.count_extern_calls(source), flops=graph["flops"],
             flops_per_token=graph["flops"] / tokens, flops_not_counted=graph["uncounted"],
-            plan_peak_bytes=plan.peak_bytes, plan_live_at_return_bytes=plan.live_at_return_bytes))
+            plan_peak_bytes=plan.peak_bytes, plan_live_at_return_bytes=plan.live_at_return_bytes,
+            plan_symbolic_allocations=plan.symbolic_allocations))
     return details
 
 
@@ -282,6 +283,7 @@ def main(argv: list[str]) -> int:
     if args.nproc > 1:  # collectives are stubbed: a fake process group answers them without communicating
         from torch.testing._internal.distributed.fake_pg import FakeStore
         torch.distributed.init_process_group("fake", rank=0, world_size=args.nproc, store=FakeStore())
+    commit = report.git_commit(REPO)  # before tracing: the tree may change during a long check
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work_dir:
         traced = trace(T, s, runtime, gpu, args.only, Path(work_dir))
@@ -294,7 +296,7 @@ def main(argv: list[str]) -> int:
         traced["kernel_compile_seconds"] = round(time.perf_counter() - started, 1)
         traced["kernels"] = kernels.judge(compiled, gpu.shared_memory_per_block_optin)
         traced["kernel_details"] = [result.to_json() for result in compiled]
-    results = report.assemble(traced, gpu, s, runtime, args, trainer_args, REPO)
+    results = report.assemble(traced, gpu, s, runtime, args, trainer_args, commit)
     text = report.render_markdown(results)
     print(text)
     if args.out is not None:

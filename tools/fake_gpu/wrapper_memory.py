@@ -24,6 +24,7 @@ class AllocationPlan:
     peak_line: str  # the allocation that reached the peak
     live_at_return_bytes: int  # allocated here and still alive when call() returns (outputs)
     allocations: int
+    symbolic_allocations: int = 0  # allocations with symbolic sizes, left out of the figures
 
 
 def buffer_bytes(sizes: list[int], strides: list[int], dtype: str) -> int:
@@ -42,13 +43,17 @@ def replay(source: str) -> AllocationPlan:
     if start < 0:
         raise ValueError("not an inductor wrapper: no `def call(` in the source")
     live: dict[str, int] = {}
-    current = peak = allocations = 0
+    current = peak = allocations = symbolic = 0
     peak_line = ""
     for line in source[start:].splitlines():
         allocation = ALLOCATION.match(line)
         if allocation:
             name, sizes, strides, dtype = allocation.groups()
-            size = buffer_bytes(_ints(sizes), _ints(strides), dtype)
+            try:
+                size = buffer_bytes(_ints(sizes), _ints(strides), dtype)
+            except ValueError:  # a symbolic size (a graph compiled with dynamic shapes): not replayable
+                symbolic += 1
+                continue
             current += size - live.pop(name, 0)
             live[name] = size
             allocations += 1
@@ -66,4 +71,4 @@ def replay(source: str) -> AllocationPlan:
                 current -= live.pop(name.strip(), 0)
         if line.lstrip().startswith("return "):
             break
-    return AllocationPlan(peak, peak_line, current, allocations)
+    return AllocationPlan(peak, peak_line, current, allocations, symbolic)
