@@ -84,8 +84,10 @@ def _record_graphs():
             if node.op != "call_function":
                 continue
             counted = custom_op_flops(node) if custom_op_function(node.target) else count_flops_fx(node)
-            if counted:
+            if isinstance(counted, int):
                 flops += counted
+            elif counted is not None:  # a symbolic count (graph compiled with dynamic shapes)
+                uncounted.add("dynamic-shape ops")
             elif "flex_attention" in str(node.target):
                 uncounted.add(str(node.target))
         GRAPHS.append(dict(kind=kind, wrapper=module.__file__, flops=flops, uncounted=sorted(uncounted)))
