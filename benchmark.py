@@ -551,8 +551,8 @@ FIGURES = [
      "({step[muon_rank_share_params]} of {step[muon_params]} params)", "ms"),
     ("step.adam_ms", "Adam step (whole on every rank)", "ms"),
     ("step.data_ms", "data loading, one micro-batch", "ms"),
-    ("step.shard_load_new_s", "shard load, one file: uint16 straight into (pinned on CUDA) memory; "
-     "old path np.fromfile + int32 + pin: {step[shard_load_old_s]:.3f} s", "s"),
+    ("step.shard_load_new_s", "shard load, one file: uint16 read straight into (pinned on CUDA) memory", "s"),
+    ("step.shard_load_old_s", "shard load, one file, previous path: np.fromfile + int32 (+ pin on CUDA)", "s"),
     ("step.predicted_step_ms", "predicted step on {step[predicted_world_size]} x this device "
      "({step[micro_batches_per_rank]} micro-batch/rank + optimizer share), communication unmeasured", "ms"),
     ("step.predicted_total_s", "predicted training time, {step[num_iterations]} steps", "s"),
