@@ -190,11 +190,11 @@ def test_non_finite_loss_mid_run_stops_at_that_step(data_dir, capsys, monkeypatc
         return loss * float("nan") if step + 1 == 13 else loss
 
     monkeypatch.setattr(T, "train_step", train_step)
-    code, err = run_main(capsys, fast_args(data_dir) + ["--num_iterations=40"])
+    code, err = run_main(capsys, fast_args(data_dir) + ["--num_iterations=25"])
     assert_one_line(code, err, 3, "training loss is not finite", "at step 13")
     log = (data_dir / "logs" / "run.txt").read_text().splitlines()
     assert log[-1] == f"stopped: {T.nonfinite_loss_message(13, 'training')}"
-    assert log[-2].startswith(f"step:{T.LOSS_CHECK_EVERY * 2}/40 "), "stops at the first check after the bad step"
+    assert log[-2].startswith(f"step:{T.LOSS_CHECK_EVERY * 2}/25 "), "stops at the first check after the bad step"
 
 
 # ----------------------------------------------------------------------------------------------------
