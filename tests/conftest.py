@@ -71,6 +71,25 @@ def first_file(pattern: str) -> Path:
 # machine's time: room for a heavily loaded machine, but a stuck run ends.
 
 
+def random_tiny_model_fp64():
+    """The tiny preset in float64, eager, with every weight random (the zero-initialised ones too), so that
+    each path of the model shows in its logits. Returns (model in eval mode, settings)."""
+    import torch
+    import train_gpt as T
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        settings = T.parse_settings(["--preset=tiny", "--compile=false"])
+        model = T.build_model(settings, T.resolve_runtime(settings, 0, 1, 0)).eval()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    finally:
+        torch.set_default_dtype(previous)
+    return model, settings
+
+
 def live_processes() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, process group) of every process that is not a zombie, from /proc (Linux)."""
     table = {}

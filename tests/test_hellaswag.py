@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import tiktoken_cache
+from conftest import random_tiny_model_fp64, tiktoken_cache
 from evals import hellaswag
 
 
@@ -83,17 +83,7 @@ def test_scores_match_the_known_answers_of_a_controlled_model(tmp_path):
 
 def test_packed_candidates_score_like_separate_sequences():
     """The four candidates share one packed sequence; the document masks must keep them apart."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        settings = T.parse_settings(["--preset=tiny", "--compile=false"])
-        model = T.build_model(settings, T.resolve_runtime(settings, 0, 1, 0)).eval()
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
-    finally:
-        torch.set_default_dtype(previous)
+    model, settings = random_tiny_model_fp64()
     window = torch.tensor(T.window_blocks_at(settings.num_iterations, settings))
     context = list(range(1000, 1040))
     endings = [list(range(2000, 2000 + n)) for n in (3, 7, 1, 12)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import REPO, shard_paths, tiktoken_cache
+from conftest import REPO, random_tiny_model_fp64, shard_paths, tiktoken_cache
 
 sys.path.insert(0, str(REPO))
 import sample  # noqa: E402
@@ -15,20 +15,7 @@ import sample  # noqa: E402
 
 @pytest.fixture(scope="module")
 def random_model():
-    """The tiny preset in float64 with every weight random (the zero-initialised ones too), so that each
-    path of the decode shows in the logits."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        settings = T.parse_settings(["--preset=tiny", "--compile=false"])
-        model = T.build_model(settings, T.resolve_runtime(settings, 0, 1, 0)).eval()
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
-    finally:
-        torch.set_default_dtype(previous)
-    return model, settings
+    return random_tiny_model_fp64()
 
 
 def test_cached_decode_equals_full_recomputation(random_model):
