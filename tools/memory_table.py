@@ -13,7 +13,6 @@ savers that --memory=auto picks there (train_gpt.choose_memory_savers itself) an
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -121,15 +120,6 @@ def readme_table(table: dict, reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_atomically(path: Path, text: str):
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", type=Path, help="gpu_check.json files")
@@ -137,7 +127,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     reports = [read_report(path.resolve()) for path in args.reports]
     table = build_table(reports)
-    write_atomically(args.out, json.dumps(table, indent=1) + "\n")
+    T.write_file_atomically(args.out, [(json.dumps(table, indent=1) + "\n").encode()])
     print(readme_table(table, reports))
     return 0
 
