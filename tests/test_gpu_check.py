@@ -1,6 +1,7 @@
 """The GPU check's own logic (tools/gpu_check.py, tools/fake_gpu/): parsing, replay, findings and the sync
 counter on CPU without the CUDA venv; the exit status of a broken case with the venv (skipped without it)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -110,6 +111,9 @@ def test_findings_fatal_and_notes():
     a100 = GPUS["a100-80gb"]
     fatal, _ = report.findings(traced, a100.total_memory, a100.name, a100.has_fp8)
     assert any("FP8" in item for item in fatal)  # sm_80 has no FP8 matmuls
+    traced["phases"]["train_last_window"]["op_counts"] = {"aten::_scaled_mm.out": 3}  # from compiled code
+    fatal, _ = report.findings(traced, a100.total_memory, a100.name, a100.has_fp8)
+    assert any("FP8" in item for item in fatal)
 
 
 def fake_cuda_tensor(mode):
@@ -185,3 +189,25 @@ def test_check_fails_for_a_model_that_does_not_compile_for_the_gpu(tmp_path):
                             env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")))
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "block size must be divisible" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.skipif(not gpu_check.venv_is_valid(VENV, *gpu_check.pinned_versions()),
+                    reason=f"needs the GPU check's CUDA venv ({VENV}); `python tools/gpu_check.py` creates it")
+def test_check_runs_the_fp8_op_compiled_as_a_gpu_would(tmp_path):
+    # The FP8 op is a custom op whose bodies are torch.compile'd. On a GPU they run compiled; the check
+    # must run them compiled too (not eagerly, nor through the op's fake kernel), or its memory figure
+    # is that of the eager op (the bf16 `grad * 2^19` temporary) and the bodies' kernels go unchecked.
+    command = [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--no-kernels", "--only=train",
+               f"--out={tmp_path}", "--preset=tiny", "--device=cuda", "--fp8_head=true", "--num_layers=2",
+               "--attention_layout=L-", "--value_embed_layout=0-", "--block_size=128", "--train_seq_len=256",
+               "--train_batch_tokens=512"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900,
+                            env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    phases = json.loads((tmp_path / "gpu_check.json").read_text())["phases"]
+    ops = phases["train_last_window"]["op_counts"]
+    micro_steps = 512 // 256  # train_batch_tokens / train_seq_len on 1 rank
+    assert ops.get("aten::_scaled_mm.out") == 3 * micro_steps  # forward 1 + backward 2, from generated code
+    assert "aten::_scaled_mm" not in ops and "aten::mul.Tensor" not in ops  # nothing of the bodies ran eagerly
+    assert phases["train_first_window"]["graphs_compiled"] >= 3  # model, FP8 forward body, FP8 backward body
+    assert phases["train_last_window"]["graphs_compiled"] == 0

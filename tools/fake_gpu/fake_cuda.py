@@ -7,7 +7,7 @@ pinned torch (2.11) and are checked by the tool's end-to-end run, not by the CPU
 
 After install(gpu), code compiled by torch.compile for "cuda" runs on FakeTensors: allocations in the
 generated wrappers create FakeTensors, Triton kernel launches are recorded and skipped, and extern
-calls (cuBLAS, custom ops) run their fake implementations. Nothing executes on a device.
+calls (cuBLAS) run their fake implementations, custom ops their Python code. Nothing executes on a device.
 """
 
 import types
@@ -206,11 +206,48 @@ def _host_data_through_the_dispatcher():
 
 class FakeGPUMode(torch._subclasses.fake_tensor.FakeTensorMode):
     """FakeTensorMode that never evaluates a small constant on the (absent) device: FakeTensorMode
-    would run `torch.tensor(3).to("cuda")` for real because torch.cuda.is_available() says True."""
+    would run `torch.tensor(3).to("cuda")` for real because torch.cuda.is_available() says True.
+
+    With run_custom_ops, a custom op (torch.library.custom_op) called at run time runs its Python code,
+    as on a GPU, instead of its fake kernel: torch.compile'd functions inside it (train_gpt's FP8 bodies)
+    then compile here, and the step's memory and kernels include theirs."""
+
+    def __init__(self, *args, run_custom_ops: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_custom_ops = run_custom_ops
 
     @property
     def avoid_device_init(self) -> bool:
         return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        implementation = custom_op_function(func) if self.run_custom_ops else None
+        if implementation is not None:
+            with self:
+                return implementation(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def custom_op_function(func):
+    """The Python implementation of a torch.library.custom_op, or None for other ops."""
+    from torch._library.custom_ops import _maybe_get_opdef
+    if not isinstance(func, torch._ops.OpOverload) or func.namespace in ("aten", "prim", "prims"):
+        return None
+    opdef = _maybe_get_opdef(func)
+    return None if opdef is None else opdef._init_fn
+
+
+_ATEN_META = torch.library.Library("aten", "IMPL")  # kept alive: the registration lasts as long as it does
+
+
+def _scaled_mm_out_on_fake_tensors():
+    """Compiled code calls `_scaled_mm(..., out=buffer)`; torch registers a meta kernel only for the
+    functional form. The buffer already has the result's shape, so the meta kernel just returns it."""
+    def scaled_mm_out_meta(self, mat2, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None,
+                           use_fast_accum=False, *, out):
+        return out
+
+    _ATEN_META.impl("_scaled_mm.out", scaled_mm_out_meta, "Meta")
 
 
 def install(gpu: GPU):
@@ -220,3 +257,4 @@ def install(gpu: GPU):
     _record_kernels_instead_of_loading()
     _run_generated_code_on_fake_tensors()
     _host_data_through_the_dispatcher()
+    _scaled_mm_out_on_fake_tensors()

@@ -56,7 +56,9 @@ def findings(traced: dict, gpu_total_memory: int, gpu_name: str, has_fp8: bool) 
         if peak is not None and peak > gpu_total_memory:
             fatal.append(f"{phase}: predicted peak memory {peak / GIB:.1f} GiB exceeds the {gpu_name}'s "
                          f"{gpu_total_memory / GIB:.1f} GiB")
-        if not has_fp8 and info.get("op_counts", {}).get("aten::_scaled_mm"):
+        # eager calls are aten::_scaled_mm, compiled code's aten::_scaled_mm.out
+        if not has_fp8 and any(count for name, count in info.get("op_counts", {}).items()
+                               if name.split(".")[0] == "aten::_scaled_mm"):
             fatal.append(f"{phase}: FP8 matmuls (torch._scaled_mm) need compute capability 8.9 or newer, which the "
                          f"{gpu_name} lacks: run with --fp8_head=false")
         if info.get("sync_count"):

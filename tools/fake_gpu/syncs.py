@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .fake_cuda import custom_op_function
+
 aten = torch.ops.aten
 SCALAR_READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default}
 DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten.unique_consecutive.default}
@@ -46,15 +48,6 @@ def _caller() -> tuple[str, str]:
             return f"{os.path.basename(filename)}:{frame.f_lineno} in {frame.f_code.co_name}", line
         frame = frame.f_back
     return "unknown", ""
-
-
-def custom_op_function(func):
-    """The Python implementation of a torch.library.custom_op, or None for other ops."""
-    from torch._library.custom_ops import _maybe_get_opdef
-    if not isinstance(func, torch._ops.OpOverload) or func.namespace in ("aten", "prim", "prims"):
-        return None
-    opdef = _maybe_get_opdef(func)
-    return None if opdef is None else opdef._init_fn
 
 
 def _placeholder_scalar(tensor: torch.Tensor):

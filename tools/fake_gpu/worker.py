@@ -31,7 +31,8 @@ from torch._subclasses.fake_tensor import DataDependentOutputException
 
 from . import fake_cuda, kernels, report, wrapper_memory
 from .gpus import DEFAULT_GPU, GPUS
-from .syncs import HostSyncCounter, custom_op_function
+from .fake_cuda import custom_op_function
+from .syncs import HostSyncCounter
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -58,10 +59,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def custom_op_flops(node) -> int:
-    """count_flops_fx runs a custom op's fake kernel, which counts nothing: run its Python code instead."""
+    """count_flops_fx runs a custom op's fake kernel, which counts nothing: run its Python code instead.
+    Eagerly (force_eager): a torch.compile'd function inside it would otherwise be compiled here, inside
+    inductor, fail, and be skipped by dynamo for the rest of the check (the step would then run it eagerly)."""
     from torch._inductor.fx_utils import get_fake_args_kwargs
     from torch.utils.flop_counter import FlopCounterMode
-    with fake_cuda.FakeGPUMode(allow_non_fake_inputs=True):
+    with fake_cuda.FakeGPUMode(allow_non_fake_inputs=True), torch.compiler.set_stance("force_eager"):
         success, args, kwargs = get_fake_args_kwargs(node)
         if not success:
             return 0
@@ -167,7 +170,7 @@ def memory_breakdown(tracker) -> dict:
 
 def trace(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
     results = dict(phases={}, errors=[])
-    fake_mode = fake_cuda.FakeGPUMode(allow_non_fake_inputs=True)
+    fake_mode = fake_cuda.FakeGPUMode(allow_non_fake_inputs=True, run_custom_ops=True)
     shard = work_dir / "tokens.bin"
     write_token_shard(T, shard, max(s.train_batch_tokens, s.val_tokens) + 1)
     do_train, do_eval = only in (None, "train"), only in (None, "eval")
