@@ -34,6 +34,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 # Before torch can initialise CUDA: growable segments keep the logits-sized blocks from fragmenting the
 # caching allocator. setdefault, so a user's own setting wins.
@@ -798,6 +799,7 @@ class GPT(nn.Module):
         self.lm_head = CastedLinear(s.model_dim, padded_vocab_size(s.vocab_size), zero_init=True)
         for embedding in (self.embed, *self.value_embeds):
             nn.init.normal_(embedding.weight)
+        self.training_regions: TrainingRegions | None = None  # set by compile_model
 
     def windows(self, window_blocks: Tensor) -> dict[str, Tensor]:
         """Window in blocks per block kind: long (L) window_blocks, short (S) half of it, at least one."""
@@ -809,20 +811,38 @@ class GPT(nn.Module):
     def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
         """input_seq, target_seq (T,) one packed sequence; window_blocks: 0-d int tensor, the long window
         in blocks. Returns the mean cross-entropy."""
-        return self.loss(self.final_hidden(input_seq, window_blocks), target_seq)
+        regions = self.training_regions if self.training and torch.is_grad_enabled() else None
+        head_loss = regions.head_loss if regions is not None else self.head_loss
+        return head_loss(self.hidden(input_seq, window_blocks, regions=regions), target_seq)
 
-    def final_hidden(self, input_seq: Tensor, window_blocks: Tensor, cache: "DecodeCache | None" = None) -> Tensor:
-        """The normed last hidden states (T, dim) of input_seq (T,). With a cache (sampling, dense masks),
-        input_seq continues the cached tokens, and its keys and values join the cache."""
+    def embed_inputs(self, input_seq: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """x0 (1, T, dim), the normed token embeddings, and one value embedding (T, dim) per table."""
+        return rms_norm(self.embed(input_seq)[None]), [table(input_seq) for table in self.value_embeds]
+
+    def hidden(self, input_seq: Tensor, window_blocks: Tensor, cache: "DecodeCache | None" = None,
+               regions: "TrainingRegions | None" = None) -> Tensor:
+        """The last hidden states (1, T, dim) of input_seq (T,), before the final norm. With a cache (sampling,
+        dense masks), input_seq continues the cached tokens, and its keys and values join the cache."""
         if cache is None:
             masks = self.attention_masks(input_seq, window_blocks)
         else:
             masks = cache.extend(input_seq, window_blocks, self)
-        x = x0 = rms_norm(self.embed(input_seq)[None])  # (1, T, dim)
-        value_embeds = [table(input_seq) for table in self.value_embeds]  # each (T, dim)
+        x0, value_embeds = (regions.embed_inputs if regions is not None else self.embed_inputs)(input_seq)
+        if regions is None:
+            return self.run_blocks(0, len(self.blocks), x0, x0, [], value_embeds, masks, cache)[0]
+        x, encoder_outputs = x0, []
+        for first, last in regions.block_ranges:
+            x, encoder_outputs = regions.run_blocks(first, last, x, x0, encoder_outputs, value_embeds, masks)
+        return x
+
+    def run_blocks(self, first: int, last: int, x: Tensor, x0: Tensor, encoder_outputs: list[Tensor],
+                   value_embeds: list[Tensor], masks: dict[str, AttentionMask], cache: "DecodeCache | None" = None
+                   ) -> tuple[Tensor, list[Tensor]]:
+        """Blocks first .. last - 1 on x (1, T, dim); returns x and the encoder outputs so far (U-net skips)."""
         num_encoder = len(self.blocks) // 2
-        encoder_outputs = []
-        for i, block in enumerate(self.blocks):
+        encoder_outputs = list(encoder_outputs)
+        for i in range(first, last):
+            block = self.blocks[i]
             if i >= num_encoder:  # decoder block num_encoder + j gets encoder block num_encoder - 1 - j
                 x = x + self.skip_weights[i - num_encoder] * encoder_outputs.pop()
             table = self.value_embed_tables[i]
@@ -834,7 +854,15 @@ class GPT(nn.Module):
                 x = block(*inputs) if cache is None else block(*inputs, cache.layers[i])
             if i < num_encoder:
                 encoder_outputs.append(x)
-        return rms_norm(x)[0]
+        return x, encoder_outputs
+
+    def final_hidden(self, input_seq: Tensor, window_blocks: Tensor, cache: "DecodeCache | None" = None) -> Tensor:
+        """The normed last hidden states (T, dim) of input_seq (T,); cache as in hidden()."""
+        return rms_norm(self.hidden(input_seq, window_blocks, cache))[0]
+
+    def head_loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        """Final norm, LM head and mean cross-entropy of the hidden states x (1, T, dim) against targets (T,)."""
+        return self.loss(rms_norm(x)[0], targets)
 
     def capped_logits(self, x: Tensor) -> Tensor:
         if self.training and self.fp8_head:
@@ -908,6 +936,39 @@ def build_model(s: Settings, runtime: Runtime) -> GPT:
         for embedding in (model.embed, *model.value_embeds):
             embedding.bfloat16()
     return model
+
+
+TRAINING_BLOCK_REGIONS = 6  # compiled groups of blocks in training (dynamo compiles a function at most 8 ways)
+
+
+@dataclass
+class TrainingRegions:
+    """The separately compiled pieces of the training forward (see compile_model)."""
+    embed_inputs: Callable
+    block_ranges: list[tuple[int, int]]  # (first, last + 1) per group of blocks
+    run_blocks: Callable  # compiled GPT.run_blocks: one graph per block range
+    head_loss: Callable
+
+
+def compile_model(model: GPT, backend: str = "inductor") -> nn.Module:
+    """Compiles the model for training (in place) and returns the compiled model for evaluation.
+
+    Evaluation is one graph. Training is compiled by region: the input embeddings, 6 groups of consecutive
+    blocks (2 each in the record), and the final norm with the head and the loss, joined by eager Python.
+    Backward then has one autograd node per region, so a region's gradients are final as soon as its
+    backward ends: GradientReducer's hooks start their all-reduce while the regions before it are still in
+    backward. As one graph, backward would be one node, and every hook would fire after all of it. Each
+    group is its own graph of GPT.run_blocks (fixed block range), so 6 graphs whatever the block layout:
+    under dynamo's limit of 8 graphs per function (a graph per block would need up to 7 in the record:
+    attention or not, value embedding or not, U-net skip or not, aliased inputs)."""
+    compile = functools.partial(torch.compile, dynamic=False, backend=backend)
+    num_layers = len(model.blocks)
+    size = -(-num_layers // TRAINING_BLOCK_REGIONS)
+    ranges = [(first, min(first + size, num_layers)) for first in range(0, num_layers, size)]
+    model.training_regions = TrainingRegions(
+        embed_inputs=compile(model.embed_inputs), block_ranges=ranges,
+        run_blocks=compile(model.run_blocks), head_loss=compile(model.head_loss))
+    return compile(model)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1164,9 +1225,9 @@ class GradientReducer:
     backward finishes them). During the last micro-step's backward, post-accumulate-grad hooks count the
     finished gradients; when a bucket's last one is final, its gradients are divided by A into one flat
     buffer, which is all-reduced (average over ranks) asynchronously while backward goes on. finish()
-    waits for every bucket and points each .grad at its slice of the reduced buffer. Under torch.compile
-    the model's backward is one autograd node, so the hooks fire only after all of it: the reductions
-    then overlap one another, not the backward's compute (eagerly they overlap it).
+    waits for every bucket and points each .grad at its slice of the reduced buffer. The hooks fire when a
+    parameter's autograd node has run: compile_model compiles the training forward by region so that
+    backward has a node per region (as one compiled graph, every hook would fire after all of backward).
     """
 
     def __init__(self, params, runtime: Runtime, bucket_bytes: int = GRADIENT_BUCKET_BYTES):
@@ -2010,7 +2071,7 @@ def train(s: Settings, runtime: Runtime, signals: StopSignals | None = None) -> 
 
     with console.activity("building the model and optimizers"):
         raw_model = build_model(s, runtime)
-        model = torch.compile(raw_model, dynamic=False) if s.compile else raw_model
+        eval_model = compile_model(raw_model) if s.compile else raw_model
         optimizers = build_optimizers(raw_model, s, runtime)
         reducer = GradientReducer(raw_model.parameters(), runtime)
 
@@ -2029,7 +2090,7 @@ def train(s: Settings, runtime: Runtime, signals: StopSignals | None = None) -> 
                     "the data will be repeated")
 
     try:
-        warm_up_kernels(model, optimizers, reducer, s, runtime, console)
+        warm_up_kernels(raw_model, optimizers, reducer, s, runtime, console)
     except RunInterrupted as interrupted:
         log.line(f"stopped by {interrupted.signal_name} during the warmup, before training started", durable=True)
         raise
@@ -2067,7 +2128,7 @@ def train(s: Settings, runtime: Runtime, signals: StopSignals | None = None) -> 
             compiling = step == start_step and s.compile
             with console.activity("first validation (compiling the evaluation graph)") if compiling \
                     else contextlib.nullcontext():
-                val_loss = validation_loss(model, val_tokens, step, s, runtime)
+                val_loss = validation_loss(eval_model, val_tokens, step, s, runtime)
             log.line(f"step:{step}/{s.num_iterations} val_loss:{val_loss:.4f} train_time:{clock.total_ms:.0f}ms "
                      f"step_avg:{clock.total_ms / max(step, 1):.2f}ms", durable=True)
             metrics.validation(dict(step=step, val_loss=val_loss, train_time_ms=clock.total_ms,
@@ -2080,7 +2141,7 @@ def train(s: Settings, runtime: Runtime, signals: StopSignals | None = None) -> 
             clock.start()
         if last_step:
             break
-        loss = train_step(model, optimizers, reducer, loader, step, s, runtime)
+        loss = train_step(raw_model, optimizers, reducer, loader, step, s, runtime)
         if runtime.world_size > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # queued on the device: no host sync
         loss_watch.record(loss, step + 1)

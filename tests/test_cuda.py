@@ -42,7 +42,7 @@ def test_compiled_flex_model_matches_eager_flex_and_dense_sdpa():
     window = torch.tensor(4, dtype=torch.int32, device="cuda")
     with torch.no_grad():
         eager = model(inputs, targets, window).item()
-        compiled = torch.compile(model, dynamic=False)(inputs, targets, window).item()
+        compiled = T.compile_model(model)(inputs, targets, window).item()  # evaluation: one graph
         model.attention_backend = "sdpa"
         dense = model(inputs, targets, window).item()
     assert abs(compiled - eager) < 2e-2, f"compiled flex {compiled} vs eager flex {eager}"
@@ -55,8 +55,8 @@ def test_compiled_flex_gradients_match_dense_sdpa():
     dense_model.load_state_dict(flex_model.state_dict())
     tokens = packed_tokens(seed=1)
     window = torch.tensor(4, dtype=torch.int32, device="cuda")
-    compiled = torch.compile(flex_model, dynamic=False)
-    compiled(tokens[:-1], tokens[1:].long(), window).backward()
+    T.compile_model(flex_model)  # training: compiled regions, called through the model itself
+    flex_model(tokens[:-1], tokens[1:].long(), window).backward()
     dense_model(tokens[:-1], tokens[1:].long(), window).backward()
     for (name, a), b in zip(flex_model.named_parameters(), dense_model.parameters()):
         difference = (a.grad.float() - b.grad.float()).norm() / b.grad.float().norm().clamp_min(1e-12)

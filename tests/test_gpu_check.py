@@ -211,3 +211,21 @@ def test_check_runs_the_fp8_op_compiled_as_a_gpu_would(tmp_path):
     assert "aten::_scaled_mm" not in ops and "aten::mul.Tensor" not in ops  # nothing of the bodies ran eagerly
     assert phases["train_first_window"]["graphs_compiled"] >= 3  # model, FP8 forward body, FP8 backward body
     assert phases["train_last_window"]["graphs_compiled"] == 0
+
+
+def test_overlap_counts_the_matmuls_queued_after_the_first_all_reduce():
+    counter = HostSyncCounter("meta")
+    for name in ("aten::mm.out", "<last micro-step>", "aten::mm.out", "c10d::allreduce_", "aten::_scaled_mm.out",
+                 "aten::bmm", "c10d::allreduce_", "aten::add", "<gradients reduced>", "aten::mm.out"):
+        counter.mark(name)
+    assert counter.communication_overlap("<last micro-step>", "<gradients reduced>") == dict(
+        all_reduces=2, matmuls=3, matmuls_after_first_all_reduce=2)
+    x = torch.empty(8, 8, device="meta")
+    counter.clear()
+    with counter:  # ops are recorded as dispatched
+        counter.mark("<last micro-step>")
+        torch.mm(x + 1, x)
+        counter.mark("<gradients reduced>")
+    assert counter.order == ["<last micro-step>", "aten::mm", "<gradients reduced>"]
+    assert counter.communication_overlap("<last micro-step>", "<gradients reduced>") == dict(
+        all_reduces=0, matmuls=1, matmuls_after_first_all_reduce=0)

@@ -295,3 +295,52 @@ def test_training_step_makes_no_host_device_synchronisation_on_cuda():
         T.train_step(model, optimizers, reducer, iter(batches[runtime.grad_accum_steps:]), 1, s, runtime)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_regional_compile_finishes_gradients_region_by_region_during_backward():
+    """compile_model compiles the embeddings, groups of 2 blocks and the head separately, so backward is one
+    autograd node per region: the head's gradients are final (and GradientReducer's hooks can start reducing
+    them) before the last group's backward starts, and each group's before the previous group's. Compiled
+    as one graph, every gradient would be final only after all of backward. aot_eager: the same graph split
+    as inductor, without code generation (seconds on CPU); the loss and gradients equal the eager model's."""
+    s = T.parse_settings(["--model_dim=32", "--num_heads=2", "--head_dim=16", "--train_seq_len=256",
+                          "--block_size=32", "--max_window_tokens=128", "--vocab_size=1000", "--fp8_head=false"])
+    savers = T.MemorySavers(checkpoint_blocks=3)  # checkpointing inside a region, across a region boundary
+    torch.manual_seed(0)
+    eager = T.GPT(s, "sdpa", savers)
+    model = T.GPT(s, "sdpa", savers)
+    model.load_state_dict(eager.state_dict())
+    T.compile_model(model, backend="aot_eager")
+    regions = model.training_regions
+    assert regions.block_ranges == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
+    events = []
+    names = {param: name for name, param in model.named_parameters()}
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(lambda p: events.append(("final", names[p])))
+    compiled_run_blocks = regions.run_blocks
+
+    def run_blocks(first, last, *args):  # the gradient of a group's output arrives just before its backward
+        x, encoder_outputs = compiled_run_blocks(first, last, *args)
+        x.register_hook(lambda grad: events.append(("backward of group", first)))
+        return x, encoder_outputs
+
+    regions.run_blocks = run_blocks
+    tokens = torch.randint(0, 1000, (257,), generator=torch.Generator().manual_seed(2))
+    window = torch.tensor(2)
+    loss = model(tokens[:-1], tokens[1:], window)
+    loss.backward()
+    reference = eager(tokens[:-1], tokens[1:], window)
+    reference.backward()
+    assert torch.allclose(loss, reference, rtol=1e-5, atol=0)
+    for (name, param), reference_param in zip(model.named_parameters(), eager.parameters()):
+        assert torch.allclose(param.grad, reference_param.grad, rtol=1e-4, atol=1e-6), name
+
+    def position(event):
+        return events.index(event)
+
+    assert position(("final", "lm_head.weight")) < position(("backward of group", 10))
+    for first, last in regions.block_ranges[1:]:  # a group's weights are final before the previous group runs
+        for i in range(first, last):
+            for name, _ in model.blocks[i].named_parameters():
+                assert position(("final", f"blocks.{i}.{name}")) < position(("backward of group", first - 2)), name
+    assert position(("backward of group", 0)) < position(("final", "embed.weight"))

@@ -159,6 +159,12 @@ def render_markdown(results: dict) -> str:
             lines += [f"| {row['kind']} | {row['op']} | {row['count']} | {row['where']} | `{row['code']}` |"
                       for row in info["syncs"]]
             lines += [""]
+        overlap = info.get("overlap") or {}
+        if overlap.get("all_reduces"):
+            lines += [f"Gradient all-reduce overlap in {phase}: {overlap['all_reduces']} bucket all-reduce(s) launched "
+                      f"during the last micro-step; {overlap['matmuls_after_first_all_reduce']} of its "
+                      f"{overlap['matmuls']} matmul calls were queued after the first of them, so they can run "
+                      "while it is in flight (0 when the whole backward is one compiled graph).", ""]
         externs = {name: count for name, count in info.get("op_counts", {}).items() if name in EXTERN_OPS}
         if externs:
             lines += [f"Calls outside Triton in {phase}: " + ", ".join(f"{name} x{n}" for name, n in externs.items()), ""]

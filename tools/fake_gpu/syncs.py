@@ -26,6 +26,8 @@ aten = torch.ops.aten
 SCALAR_READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default}
 DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten.unique_consecutive.default}
 COPIES = {aten._to_copy.default, aten.copy_.default}
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm"}  # eager calls and compiled code's .out
+ALL_REDUCE = "c10d::allreduce"
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,7 +68,23 @@ class HostSyncCounter(TorchDispatchMode):
         self.device_type = device_type
         self.events: list[Event] = []
         self.op_counts: dict[str, int] = {}  # every op seen, e.g. "aten::mm" -> 12 (paused or not)
+        self.order: list[str] = []  # matmuls, all-reduces and marks, in the order the host issued them
         self.paused = False
+
+    def mark(self, label: str):
+        self.order.append(label)
+
+    def communication_overlap(self, last_micro_step: str, backward_done: str) -> dict:
+        """Between the marks: gradient all-reduces launched, and the matmuls the host queued after the first
+        of them. Launches are asynchronous, so those matmuls can run while the all-reduce is in flight; with
+        the model as one compiled graph, every all-reduce is launched after the last backward matmul."""
+        if last_micro_step not in self.order or backward_done not in self.order:
+            return {}
+        window = self.order[self.order.index(last_micro_step) + 1:self.order.index(backward_done)]
+        reductions = [i for i, name in enumerate(window) if name.startswith(ALL_REDUCE)]
+        matmuls = [i for i, name in enumerate(window) if name.split(".")[0] in MATMULS]
+        return dict(all_reduces=len(reductions), matmuls=len(matmuls),
+                    matmuls_after_first_all_reduce=sum(i > reductions[0] for i in matmuls) if reductions else 0)
 
     @contextlib.contextmanager
     def pause(self):
@@ -93,6 +111,8 @@ class HostSyncCounter(TorchDispatchMode):
             with self:
                 return func.decompose(*args, **kwargs)
         self.op_counts[func.name()] = self.op_counts.get(func.name(), 0) + 1
+        if func.name().split(".")[0] in MATMULS or func.name().startswith(ALL_REDUCE):
+            self.order.append(func.name())
         if func in SCALAR_READS and self._on_device(args[0]):
             self._record("sync", func)
             # FakeTensors have no value to read: answer a placeholder so the traced code goes on.
@@ -128,6 +148,7 @@ class HostSyncCounter(TorchDispatchMode):
     def clear(self):
         self.events.clear()
         self.op_counts.clear()
+        self.order.clear()
 
     def count(self, kind: str) -> int:
         return sum(event.kind == kind for event in self.events)

@@ -157,6 +157,16 @@ def compiled_code_mem_tracker():
         def ignore_compile_internals(cls) -> bool:
             return True  # let compiled code run compiled: its runtime allocations are then tracked
 
+        def _pre_fw_hook(self, module, inputs):
+            try:
+                super()._pre_fw_hook(module, inputs)
+            except NotImplementedError:
+                # The eager root module (the model, whose regions are compiled) runs again in the next
+                # micro-step, which MemTracker takes for a new iteration and refuses. The check needs the
+                # step's device totals, not per-module statistics: start the module's statistics afresh.
+                del self.memory_tracking[module]
+                super()._pre_fw_hook(module, inputs)
+
     return CompiledCodeMemTracker()
 
 
@@ -166,6 +176,20 @@ def memory_breakdown(tracker) -> dict:
         if torch.device(device).type == "cuda":
             return {name: int(value) for name, value in categories.items()}
     return {}
+
+
+LAST_MICRO_STEP, BACKWARD_DONE = "<last micro-step>", "<gradients reduced>"
+
+
+def mark_calls(obj, method: str, counter: HostSyncCounter, label: str):
+    """Marks each call of obj.method in the counter's op order."""
+    original = getattr(obj, method)
+
+    def marked(*args, **kwargs):
+        counter.mark(label)
+        return original(*args, **kwargs)
+
+    setattr(obj, method, marked)
 
 
 def trace(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
@@ -181,9 +205,11 @@ def trace(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
     with fake_mode:
         with module_conversion_by_replacement():
             raw_model = T.build_model(s, runtime)
-        model = torch.compile(raw_model, dynamic=False) if s.compile else raw_model
+        eval_model = T.compile_model(raw_model) if s.compile else raw_model  # training: raw_model's regions
         optimizers = T.build_optimizers(raw_model, s, runtime)
         reducer = T.GradientReducer(raw_model.parameters(), runtime)
+        mark_calls(reducer, "start_last_micro_step", counter, LAST_MICRO_STEP)
+        mark_calls(reducer, "finish", counter, BACKWARD_DONE)
         last_step = s.num_iterations - 1
 
         def run(phase: str, fn):
@@ -214,14 +240,14 @@ def trace(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
         # No dispatch mode may be active here (dynamo would not compile), so a host read of a FakeTensor
         # (`.item()`) ends the call: by then its graphs exist, and the counted phases see the whole call.
         if do_eval:
-            run("eval_first_window", lambda: T.validation_loss(model, val_tokens, 0, s, runtime))
+            run("eval_first_window", lambda: T.validation_loss(eval_model, val_tokens, 0, s, runtime))
             raw_model.train()
         if do_train:
-            run("train_first_window", lambda: T.train_step(model, optimizers, reducer, batches, 0, s, runtime))
+            run("train_first_window", lambda: T.train_step(raw_model, optimizers, reducer, batches, 0, s, runtime))
         # 3: last window, counted: syncs, copies, memory, recompiles
         for phase, enabled, fn in (
-                ("train_last_window", do_train, lambda: T.train_step(model, optimizers, reducer, batches, last_step, s, runtime)),
-                ("eval_last_window", do_eval, lambda: T.validation_loss(model, val_tokens, s.num_iterations, s, runtime))):
+                ("train_last_window", do_train, lambda: T.train_step(raw_model, optimizers, reducer, batches, last_step, s, runtime)),
+                ("eval_last_window", do_eval, lambda: T.validation_loss(eval_model, val_tokens, s.num_iterations, s, runtime))):
             if not enabled or results["errors"]:
                 continue
             tracker = compiled_code_mem_tracker()
@@ -233,7 +259,8 @@ def trace(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
                 results["phases"][phase].update(
                     memory=memory_breakdown(tracker), syncs=counter.summary(),
                     sync_count=counter.count("sync"), h2d_count=counter.count("h2d"),
-                    op_counts=dict(counter.op_counts))
+                    op_counts=dict(counter.op_counts),
+                    overlap=counter.communication_overlap(LAST_MICRO_STEP, BACKWARD_DONE))
     results["parameters"] = sum(p.numel() for p in raw_model.parameters())
     return results
 
