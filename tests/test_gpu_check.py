@@ -229,3 +229,22 @@ def test_overlap_counts_the_matmuls_queued_after_the_first_all_reduce():
     assert counter.order == ["<last micro-step>", "aten::mm", "<gradients reduced>"]
     assert counter.communication_overlap("<last micro-step>", "<gradients reduced>") == dict(
         all_reduces=0, matmuls=1, matmuls_after_first_all_reduce=0)
+
+
+def test_peak_tracker_keeps_the_large_tensors_live_at_the_peak_with_their_lines():
+    from fake_gpu.peak import LARGE_BYTES, PeakMemTracker
+    mode = FakeTensorMode()
+    with mode:
+        tracker = PeakMemTracker()
+        with tracker:
+            a = torch.empty(LARGE_BYTES // 4, device="cuda")
+            small = torch.empty(1024, device="cuda")
+            b = a * 2  # the peak: a, b and small live
+            del b
+            c = a + 1  # as large again, but not above the peak
+    assert tracker.largest_total == 2 * LARGE_BYTES + 4096
+    rows = tracker.largest_at_peak()
+    assert [(row["bytes"], row["count"]) for row in rows] == [(LARGE_BYTES, 1), (LARGE_BYTES, 1)]
+    sites = sorted(row["allocated"] for row in rows)
+    assert sites[0].startswith("aten::empty") and "test_gpu_check.py" in sites[0]
+    assert sites[1].startswith("aten::mul.Tensor at test_gpu_check.py:") and c.shape == a.shape

@@ -133,6 +133,12 @@ def render_markdown(results: dict) -> str:
                          f"{_gib(memory.get('Gradient'))} | {_gib(memory.get('Optstate'))} | "
                          f"{_gib(memory.get('Activation'))} | {_gib(memory.get('Temp'))} | "
                          f"{_gib(memory.get('Other', 0) + memory.get('Buffer', 0))} |")
+    for phase, info in results.get("phases", {}).items():
+        if info.get("largest_at_peak"):
+            lines += ["", f"Largest tensors live at the peak of {phase} (64 MiB or more; where the step allocated them):",
+                      "", "| size | count | category | allocated by |", "|---:|---:|---|---|"]
+            lines += [f"| {_gib(row['bytes'])} | {row['count']} | {row['category']} | `{row['allocated']}` |"
+                      for row in info["largest_at_peak"]]
     lines += ["", "Compiled graphs (FLOPs from torch.utils.flop_counter; allocation plan replayed from the wrapper):", "",
               "| graph | Triton kernels | extern calls | GFLOP per call | FLOPs per token | not counted | plan peak | plan live at return |",
               "|---|---:|---|---:|---:|---|---:|---:|"]

@@ -32,6 +32,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException
 from . import fake_cuda, kernels, report, wrapper_memory
 from .gpus import DEFAULT_GPU, GPUS
 from .fake_cuda import custom_op_function
+from .peak import PeakMemTracker
 from .syncs import HostSyncCounter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,27 +150,6 @@ def dynamo_counts() -> dict:
                 breaks=dict(counters["graph_break"]))
 
 
-def compiled_code_mem_tracker():
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    class CompiledCodeMemTracker(MemTracker):
-        @classmethod
-        def ignore_compile_internals(cls) -> bool:
-            return True  # let compiled code run compiled: its runtime allocations are then tracked
-
-        def _pre_fw_hook(self, module, inputs):
-            try:
-                super()._pre_fw_hook(module, inputs)
-            except NotImplementedError:
-                # The eager root module (the model, whose regions are compiled) runs again in the next
-                # micro-step, which MemTracker takes for a new iteration and refuses. The check needs the
-                # step's device totals, not per-module statistics: start the module's statistics afresh.
-                del self.memory_tracking[module]
-                super()._pre_fw_hook(module, inputs)
-
-    return CompiledCodeMemTracker()
-
-
 def memory_breakdown(tracker) -> dict:
     peak = tracker.get_tracker_snapshot("peak")
     for device, categories in peak.items():
@@ -250,14 +230,14 @@ def trace(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
                 ("eval_last_window", do_eval, lambda: T.validation_loss(eval_model, val_tokens, s.num_iterations, s, runtime))):
             if not enabled or results["errors"]:
                 continue
-            tracker = compiled_code_mem_tracker()
+            tracker = PeakMemTracker()
             tracker.track_external(raw_model, *optimizers)
             counter.clear()
             with tracker, counter:
                 ok = run(phase, fn)
             if ok:
                 results["phases"][phase].update(
-                    memory=memory_breakdown(tracker), syncs=counter.summary(),
+                    memory=memory_breakdown(tracker), largest_at_peak=tracker.largest_at_peak(), syncs=counter.summary(),
                     sync_count=counter.count("sync"), h2d_count=counter.count("h2d"),
                     op_counts=dict(counter.op_counts),
                     overlap=counter.communication_overlap(LAST_MICRO_STEP, BACKWARD_DONE))
