@@ -314,7 +314,8 @@ class StepBench:
     def __init__(self, mode: Mode, recipe: T.Settings, single: T.Settings, runtime: T.Runtime):
         self.mode, self.recipe, self.s, self.runtime = mode, recipe, single, runtime
         self.model = T.build_model(single, runtime)
-        self.compiled = maybe_compile(self.model, single)
+        if single.compile:
+            T.compile_model(self.model)  # compiled by region in training mode, as train() compiles it
         self.muon, self.adam = T.build_optimizers(self.model, single, runtime)
         self.files = T.find_shards(single.train_files, "train_files")
         self.reducer = T.GradientReducer(self.model.parameters(), runtime)
@@ -328,12 +329,12 @@ class StepBench:
         return measure_ms(fn, self.runtime, self.mode.warmup, self.mode.reps, wall=wall)
 
     def forward_backward(self):
-        loss = self.compiled(self.inputs, self.targets, self.window)
+        loss = self.model(self.inputs, self.targets, self.window)
         loss.backward()
         self.model.zero_grad(set_to_none=True)
 
     def train_step(self):
-        T.train_step(self.compiled, (self.muon, self.adam), self.reducer, self.batches, self.final_step, self.s,
+        T.train_step(self.model, (self.muon, self.adam), self.reducer, self.batches, self.final_step, self.s,
                      self.runtime)
 
     def run(self) -> dict:
