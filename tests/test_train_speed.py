@@ -344,3 +344,43 @@ def test_regional_compile_finishes_gradients_region_by_region_during_backward():
             for name, _ in model.blocks[i].named_parameters():
                 assert position(("final", f"blocks.{i}.{name}")) < position(("backward of group", first - 2)), name
     assert position(("backward of group", 0)) < position(("final", "embed.weight"))
+
+
+def test_regional_compile_recomputes_one_loss_chunk_at_a_time_in_backward():
+    """With --loss_chunk_tokens, compile_model leaves the chunk loop eager around one compiled chunk
+    (regions.summed_loss): backward then recomputes each chunk's head and loss just before that chunk's
+    backward, so one chunk's logits exist at a time. Compiled as one graph, inductor fuses the chunks and
+    keeps them all (the GPU check saw 5 of 6 chunks' logits live at the training peak). The loss and the
+    gradients equal the eager model's."""
+    s = T.parse_settings(["--num_layers=2", "--model_dim=32", "--num_heads=2", "--head_dim=16",
+                          "--train_seq_len=256", "--block_size=32", "--max_window_tokens=128", "--vocab_size=1000",
+                          "--fp8_head=false", "--attention_layout=LL", "--value_embed_layout=--"])
+    savers = T.MemorySavers(loss_chunk_tokens=64)  # 4 chunks
+    torch._dynamo.reset()  # GPT.run_blocks' graphs of other tests' models (dynamo caches per code object)
+    torch.manual_seed(0)
+    eager = T.GPT(s, "sdpa", savers)
+    model = T.GPT(s, "sdpa", savers)
+    model.load_state_dict(eager.state_dict())
+    T.compile_model(model, backend="aot_eager")
+    regions = model.training_regions
+    compiled_summed_loss, events = regions.summed_loss, []
+
+    def summed_loss(x_chunk, targets):
+        events.append("chunk head+loss" + (" (backward)" if backward_started else ""))
+        loss = compiled_summed_loss(x_chunk, targets)
+        loss.register_hook(lambda grad: events.append("chunk backward"))
+        return loss
+
+    regions.summed_loss, backward_started = summed_loss, False
+    tokens = torch.randint(0, 1000, (257,), generator=torch.Generator().manual_seed(3))
+    window = torch.tensor(2)
+    loss = model(tokens[:-1], tokens[1:], window)
+    backward_started = True
+    loss.backward()
+    # forward: 4 chunks; backward: per chunk, its gradient arrives, then its head+loss is recomputed
+    assert events == ["chunk head+loss"] * 4 + ["chunk backward", "chunk head+loss (backward)"] * 4
+    reference = eager(tokens[:-1], tokens[1:], window)
+    reference.backward()
+    assert torch.allclose(loss, reference, rtol=1e-5, atol=0)
+    for (name, param), reference_param in zip(model.named_parameters(), eager.parameters()):
+        assert torch.allclose(param.grad, reference_param.grad, rtol=1e-4, atol=1e-6), name
