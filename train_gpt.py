@@ -812,14 +812,8 @@ class GPT(nn.Module):
         """input_seq, target_seq (T,) one packed sequence; window_blocks: 0-d int tensor, the long window
         in blocks. Returns the mean cross-entropy."""
         regions = self.training_regions if self.training and torch.is_grad_enabled() else None
-        x = self.hidden(input_seq, window_blocks, regions=regions)
-        if regions is None:
-            return self.head_loss(x, target_seq)
-        if self.savers.loss_chunk_tokens:
-            # chunked: the chunk loop runs eagerly around one compiled chunk, so backward recomputes and frees
-            # one chunk's logits at a time (in one graph inductor fuses all chunks and keeps all their logits)
-            return self.loss(rms_norm(x)[0], target_seq, regions.summed_loss)
-        return regions.head_loss(x, target_seq)
+        head_loss = regions.head_loss if regions is not None else self.head_loss
+        return head_loss(self.hidden(input_seq, window_blocks, regions=regions), target_seq)
 
     def embed_inputs(self, input_seq: Tensor) -> tuple[Tensor, list[Tensor]]:
         """x0 (1, T, dim), the normed token embeddings, and one value embedding (T, dim) per table."""
@@ -866,9 +860,10 @@ class GPT(nn.Module):
         """The normed last hidden states (T, dim) of input_seq (T,); cache as in hidden()."""
         return rms_norm(self.hidden(input_seq, window_blocks, cache))[0]
 
-    def head_loss(self, x: Tensor, targets: Tensor) -> Tensor:
-        """Final norm, LM head and mean cross-entropy of the hidden states x (1, T, dim) against targets (T,)."""
-        return self.loss(rms_norm(x)[0], targets)
+    def head_loss(self, x: Tensor, targets: Tensor, summed_loss: Callable | None = None) -> Tensor:
+        """Final norm, LM head and mean cross-entropy of the hidden states x (1, T, dim) against targets (T,);
+        summed_loss as in loss()."""
+        return self.loss(rms_norm(x)[0], targets, summed_loss)
 
     def capped_logits(self, x: Tensor) -> Tensor:
         if self.training and self.fp8_head:
@@ -885,7 +880,8 @@ class GPT(nn.Module):
         """Mean cross-entropy of x (T, dim) against targets (T,). Evaluation sequences are long (256K tokens):
         chunked so fp32 logits never exceed ~3 GiB. Training with loss_chunk_tokens set is chunked too, and
         each chunk is recomputed in backward, so one chunk's logits exist at a time in both directions (when
-        the loop is not compiled: see forward). summed_loss: the chunk's summed loss (default self.summed_loss)."""
+        the loop is not compiled: see compile_model). summed_loss: one chunk's summed loss (default
+        self.summed_loss)."""
         summed_loss = summed_loss or self.summed_loss
         chunk = self.savers.loss_chunk_tokens
         if not self.training:
@@ -955,8 +951,7 @@ class TrainingRegions:
     embed_inputs: Callable
     block_ranges: list[tuple[int, int]]  # (first, last + 1) per group of blocks
     run_blocks: Callable  # compiled GPT.run_blocks: one graph per block range
-    head_loss: Callable  # final norm + head + loss in one graph
-    summed_loss: Callable  # head + loss of one chunk, for --loss_chunk_tokens (one graph per chunk length)
+    head_loss: Callable  # final norm + head + loss: one graph, or with --loss_chunk_tokens one graph per chunk
 
 
 def compile_model(model: GPT, backend: str = "inductor") -> nn.Module:
@@ -964,7 +959,7 @@ def compile_model(model: GPT, backend: str = "inductor") -> nn.Module:
 
     Evaluation is one graph. Training is compiled by region: the input embeddings, 6 groups of consecutive
     blocks (2 each in the record), and the final norm with the head and the loss (with --loss_chunk_tokens:
-    the head and loss of one chunk, see GPT.forward), joined by eager Python.
+    the head and loss of one chunk, the chunk loop eager), joined by eager Python.
     Backward then has one autograd node per region, so a region's gradients are final as soon as its
     backward ends: GradientReducer's hooks start their all-reduce while the regions before it are still in
     backward. As one graph, backward would be one node, and every hook would fire after all of it. Each
@@ -975,10 +970,15 @@ def compile_model(model: GPT, backend: str = "inductor") -> nn.Module:
     num_layers = len(model.blocks)
     size = -(-num_layers // TRAINING_BLOCK_REGIONS)
     ranges = [(first, min(first + size, num_layers)) for first in range(0, num_layers, size)]
+    if model.savers.loss_chunk_tokens:
+        # the chunk loop stays eager around one compiled chunk, so backward recomputes and frees one chunk's
+        # logits at a time (compiled as one graph, inductor fuses the chunks and keeps all their logits)
+        head_loss = functools.partial(model.head_loss, summed_loss=compile(model.summed_loss))
+    else:
+        head_loss = compile(model.head_loss)
     model.training_regions = TrainingRegions(
         embed_inputs=compile(model.embed_inputs), block_ranges=ranges,
-        run_blocks=compile(model.run_blocks), head_loss=compile(model.head_loss),
-        summed_loss=compile(model.summed_loss))
+        run_blocks=compile(model.run_blocks), head_loss=head_loss)
     return compile(model)
 
 

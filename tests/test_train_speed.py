@@ -3,6 +3,7 @@ previous generator, Muon grouped by element count against a per-matrix loop, com
 against eager, the bucketed overlapped gradient reduction against an all-reduce after backward (2 gloo
 ranks), 1 vs 2 ranks with the FP8 head, and the cached window tensors."""
 import dataclasses
+import functools
 import math
 import os
 import subprocess
@@ -348,7 +349,7 @@ def test_regional_compile_finishes_gradients_region_by_region_during_backward():
 
 def test_regional_compile_recomputes_one_loss_chunk_at_a_time_in_backward():
     """With --loss_chunk_tokens, compile_model leaves the chunk loop eager around one compiled chunk
-    (regions.summed_loss): backward then recomputes each chunk's head and loss just before that chunk's
+    (GPT.summed_loss): backward then recomputes each chunk's head and loss just before that chunk's
     backward, so one chunk's logits exist at a time. Compiled as one graph, inductor fuses the chunks and
     keeps them all (the GPU check saw 5 of 6 chunks' logits live at the training peak). The loss and the
     gradients equal the eager model's."""
@@ -363,7 +364,7 @@ def test_regional_compile_recomputes_one_loss_chunk_at_a_time_in_backward():
     model.load_state_dict(eager.state_dict())
     T.compile_model(model, backend="aot_eager")
     regions = model.training_regions
-    compiled_summed_loss, events = regions.summed_loss, []
+    compiled_summed_loss, events = regions.head_loss.keywords["summed_loss"], []
 
     def summed_loss(x_chunk, targets):
         events.append("chunk head+loss" + (" (backward)" if backward_started else ""))
@@ -371,7 +372,8 @@ def test_regional_compile_recomputes_one_loss_chunk_at_a_time_in_backward():
         loss.register_hook(lambda grad: events.append("chunk backward"))
         return loss
 
-    regions.summed_loss, backward_started = summed_loss, False
+    regions.head_loss = functools.partial(model.head_loss, summed_loss=summed_loss)
+    backward_started = False
     tokens = torch.randint(0, 1000, (257,), generator=torch.Generator().manual_seed(3))
     window = torch.tensor(2)
     loss = model(tokens[:-1], tokens[1:], window)
