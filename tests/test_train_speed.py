@@ -298,6 +298,26 @@ def test_training_step_makes_no_host_device_synchronisation_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def eager_and_regionally_compiled(s: T.Settings, savers: T.MemorySavers) -> tuple[T.GPT, T.GPT]:
+    """Two models with the same weights: one eager, one through compile_model (aot_eager: the same graph split
+    as inductor, without code generation; seconds on CPU)."""
+    torch._dynamo.reset()  # GPT.run_blocks' graphs of other tests' models (dynamo caches per code object)
+    torch.manual_seed(0)
+    eager = T.GPT(s, "sdpa", savers)
+    model = T.GPT(s, "sdpa", savers)
+    model.load_state_dict(eager.state_dict())
+    T.compile_model(model, backend="aot_eager")
+    return eager, model
+
+
+def assert_same_loss_and_gradients(model: T.GPT, loss: torch.Tensor, eager: T.GPT, tokens: torch.Tensor, window):
+    reference = eager(tokens[:-1], tokens[1:], window)
+    reference.backward()
+    assert torch.allclose(loss, reference, rtol=1e-5, atol=0)
+    for (name, param), reference_param in zip(model.named_parameters(), eager.parameters()):
+        assert torch.allclose(param.grad, reference_param.grad, rtol=1e-4, atol=1e-6), name
+
+
 def test_regional_compile_finishes_gradients_region_by_region_during_backward():
     """compile_model compiles the embeddings, groups of 2 blocks and the head separately, so backward is one
     autograd node per region: the head's gradients are final (and GradientReducer's hooks can start reducing
@@ -306,12 +326,8 @@ def test_regional_compile_finishes_gradients_region_by_region_during_backward():
     as inductor, without code generation (seconds on CPU); the loss and gradients equal the eager model's."""
     s = T.parse_settings(["--model_dim=32", "--num_heads=2", "--head_dim=16", "--train_seq_len=256",
                           "--block_size=32", "--max_window_tokens=128", "--vocab_size=1000", "--fp8_head=false"])
-    savers = T.MemorySavers(checkpoint_blocks=3)  # checkpointing inside a region, across a region boundary
-    torch.manual_seed(0)
-    eager = T.GPT(s, "sdpa", savers)
-    model = T.GPT(s, "sdpa", savers)
-    model.load_state_dict(eager.state_dict())
-    T.compile_model(model, backend="aot_eager")
+    # checkpointing inside a region, across a region boundary
+    eager, model = eager_and_regionally_compiled(s, T.MemorySavers(checkpoint_blocks=3))
     regions = model.training_regions
     assert regions.block_ranges == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
     events = []
@@ -330,11 +346,7 @@ def test_regional_compile_finishes_gradients_region_by_region_during_backward():
     window = torch.tensor(2)
     loss = model(tokens[:-1], tokens[1:], window)
     loss.backward()
-    reference = eager(tokens[:-1], tokens[1:], window)
-    reference.backward()
-    assert torch.allclose(loss, reference, rtol=1e-5, atol=0)
-    for (name, param), reference_param in zip(model.named_parameters(), eager.parameters()):
-        assert torch.allclose(param.grad, reference_param.grad, rtol=1e-4, atol=1e-6), name
+    assert_same_loss_and_gradients(model, loss, eager, tokens, window)
 
     def position(event):
         return events.index(event)
@@ -356,13 +368,7 @@ def test_regional_compile_recomputes_one_loss_chunk_at_a_time_in_backward():
     s = T.parse_settings(["--num_layers=2", "--model_dim=32", "--num_heads=2", "--head_dim=16",
                           "--train_seq_len=256", "--block_size=32", "--max_window_tokens=128", "--vocab_size=1000",
                           "--fp8_head=false", "--attention_layout=LL", "--value_embed_layout=--"])
-    savers = T.MemorySavers(loss_chunk_tokens=64)  # 4 chunks
-    torch._dynamo.reset()  # GPT.run_blocks' graphs of other tests' models (dynamo caches per code object)
-    torch.manual_seed(0)
-    eager = T.GPT(s, "sdpa", savers)
-    model = T.GPT(s, "sdpa", savers)
-    model.load_state_dict(eager.state_dict())
-    T.compile_model(model, backend="aot_eager")
+    eager, model = eager_and_regionally_compiled(s, T.MemorySavers(loss_chunk_tokens=64))  # 4 chunks
     regions = model.training_regions
     compiled_summed_loss, events = regions.head_loss.keywords["summed_loss"], []
 
@@ -381,8 +387,4 @@ def test_regional_compile_recomputes_one_loss_chunk_at_a_time_in_backward():
     loss.backward()
     # forward: 4 chunks; backward: per chunk, its gradient arrives, then its head+loss is recomputed
     assert events == ["chunk head+loss"] * 4 + ["chunk backward", "chunk head+loss (backward)"] * 4
-    reference = eager(tokens[:-1], tokens[1:], window)
-    reference.backward()
-    assert torch.allclose(loss, reference, rtol=1e-5, atol=0)
-    for (name, param), reference_param in zip(model.named_parameters(), eager.parameters()):
-        assert torch.allclose(param.grad, reference_param.grad, rtol=1e-4, atol=1e-6), name
+    assert_same_loss_and_gradients(model, loss, eager, tokens, window)
