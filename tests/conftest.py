@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,11 @@ def kill_process_tree(process: subprocess.Popen):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     process.wait()
+    # SIGKILL is delivered at once, but a process with much memory takes a moment to exit: wait for the
+    # tree, so that on return none of it runs (the workers of a killed torchrun are not our children)
+    deadline = time.monotonic() + 60
+    while tree & live_processes().keys() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
