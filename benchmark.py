@@ -42,6 +42,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
+import harness as H  # noqa: E402
 import train_gpt as T  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,8 +276,8 @@ def muon_rank_share_count(muon: T.Muon, rank: int, world_size: int) -> tuple[int
 def old_load_shard(path, vocab_size: int, pin_memory: bool) -> torch.Tensor:
     """The trainer's shard load before the uint16 loader (kept here to measure the change)."""
     num_tokens = T.read_shard_header(path)
-    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=T.SHARD_HEADER_BYTES)
-    T.check_token_range(tokens, vocab_size, path)
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=H.SHARD_HEADER_BYTES)
+    H.check_token_range(tokens, vocab_size, path)
     tokens = torch.from_numpy(tokens.astype(np.int32))
     return tokens.pin_memory() if pin_memory else tokens
 
@@ -711,7 +712,8 @@ def main(argv: list[str], command: str | None = None) -> int:
         return 2
     recipe, single = step_settings(mode, args.train_files, args.val_files)
     runtime = T.resolve_runtime(single, 0, 1, 0)
-    T.init_distributed(runtime)  # one process: only selects the GPU
+    if runtime.device.type == "cuda":
+        torch.cuda.set_device(runtime.device)
     notes = [
         "communication (gradient all-reduce, Muon all-gather) is not measured; the predicted multi-GPU step "
         "is data + fwd+bwd per micro-batch on a rank, + rank 0's Muon share + the whole Adam step",

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import harness as H
 import train_gpt as T
 
 
@@ -40,7 +41,7 @@ def load_model(path: Path, device: torch.device) -> tuple[T.GPT, T.Settings]:
             raise SampleError(f"{path}: cannot read the safetensors export ({error})") from None
         saved_settings = json.loads(settings_json)
     else:
-        checkpoint = T.read_checkpoint(path)
+        checkpoint = H.read_checkpoint(path)
         saved_settings, state = checkpoint["settings"], checkpoint["model"]
     known = {f.name for f in dataclasses.fields(T.Settings)}
     settings = T.Settings(**{name: value for name, value in saved_settings.items() if name in known})
@@ -144,7 +145,7 @@ def main(argv: list[str]) -> int:
         started = time.perf_counter()
         sampled = generate(decoder, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
         seconds = time.perf_counter() - started
-    except (SampleError, T.CheckpointError) as error:
+    except (SampleError, H.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(args.prompt + tokenizer.decode(sampled))

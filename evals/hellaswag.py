@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness as H  # noqa: E402
 import train_gpt as T  # noqa: E402
 from sample import SampleError, gpt2_tokenizer, load_model  # noqa: E402
 
@@ -49,7 +50,7 @@ def fetch_validation_file(url: str, path: Path) -> Path:
         raise EvalError(f"could not fetch {path.name} from {url} ({reason}); download it by hand from that "
                         f"address and pass --file=PATH, or put it at {path}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    T.write_file_atomically(path, [content])
+    H.write_file_atomically(path, [content])
     return path
 
 
@@ -141,7 +142,7 @@ def main(argv: list[str]) -> int:
             examples = examples[:args.limit]
         model, settings = load_model(args.checkpoint, device)
         encode = gpt2_tokenizer().encode_ordinary
-    except (EvalError, SampleError, T.CheckpointError) as error:
+    except (EvalError, SampleError, H.CheckpointError) as error:
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
         return 2

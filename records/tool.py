@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 # longer than `summary` needs to read a hundred logs.
 
 SEPARATOR = "=" * 100
+# Logs written since the recipe/harness split embed two files: the recipe, then this banner line and
+# harness.py (harness.source_banner writes it: `==== harness.py ====...`, 100 characters).
+SOURCE_BANNER = re.compile(r"==== (\S+) (=+)")
 TABLE_BEGIN = "<!-- records-table:begin -->"
 TABLE_END = "<!-- records-table:end -->"
 RECORDS_DIR = Path(__file__).resolve().parent
@@ -119,6 +122,22 @@ class TrainingLog:
     peak_memory_reserved_mib: int | None
     note_count: int = 0
     notes: tuple[Note, ...] = ()  # the first NOTES_KEPT notes
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """The embedded files by name: the script first (as train_gpt.py), then each file that a banner
+        line opens. Empty when read without keep_source."""
+        if self.source_code is None:
+            return {}
+        files, name, lines = {}, "train_gpt.py", []
+        for line in self.source_code.split("\n"):
+            banner = SOURCE_BANNER.fullmatch(line)
+            if banner and len(line) == len(SEPARATOR):
+                files[name], name, lines = "\n".join(lines), banner[1], []
+            else:
+                lines.append(line)
+        files[name] = "\n".join(lines)
+        return files
 
     @property
     def val_steps(self) -> list[StepLine]:
@@ -818,10 +837,14 @@ def command_compare(args: argparse.Namespace) -> int:
         print(f"\nplot written to {args.plot}")
     if args.diff:
         first, second = run_sets[0].logs[0], run_sets[1].logs[0]
-        diff = difflib.unified_diff(
-            first.source_code.split("\n"), second.source_code.split("\n"),
-            fromfile=str(first.path), tofile=str(second.path), lineterm="",
-        )
+        first_files, second_files = first.sources, second.sources
+        diff = []
+        for index, name in enumerate(dict.fromkeys([*first_files, *second_files])):  # in order of appearance
+            suffix = f" ({name})" if index else ""  # the script is the log's own source: named by the log
+            diff += difflib.unified_diff(
+                first_files.get(name, "").split("\n"), second_files.get(name, "").split("\n"),
+                fromfile=f"{first.path}{suffix}", tofile=f"{second.path}{suffix}", lineterm="",
+            )
         print("\n## Source diff\n")
         print("\n".join(diff) or f"(source code of {first.path} and {second.path} is identical)")
     return report.exit_status(0)
@@ -937,15 +960,6 @@ def replace_table(text: str, table: str, readme: Path) -> str:
     return text[:begin] + "\n" + table + "\n" + text[end:]
 
 
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
 def command_table(args: argparse.Namespace) -> int:
     report = ErrorReport()
     records = find_records(args.records_dir, report)
@@ -963,7 +977,11 @@ def command_table(args: argparse.Namespace) -> int:
         print(f"{args.readme}: records table is up to date ({len(records)} records)")
         return 0
     if updated != text:
-        write_atomically(args.readme, updated)
+        # harness.py imports torch: imported here, where the one atomic writer is needed
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from harness import write_file_atomically
+
+        write_file_atomically(args.readme, [updated.encode()])
         print(f"{args.readme}: records table updated ({len(records)} records)")
     else:
         print(f"{args.readme}: records table already up to date ({len(records)} records)")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness as H  # noqa: E402
 import train_gpt as T  # noqa: E402
 
 # Odd counts: some ranks idle in a group. Muon groups by element count: (32, 16) with (16, 32), and
@@ -141,7 +142,7 @@ def run_trainer(rank: int, world_size: int, stop: str, args: list[str]) -> str |
             return loss
 
         T.train_step = train_step_then_signal
-    with T.StopSignals() as signals:
+    with H.StopSignals() as signals:
         return T.train(settings, runtime, signals)
 
 
@@ -154,7 +155,7 @@ def main():
         stopped_by = run_trainer(rank, world_size, out, sys.argv[3:])
         if world_size > 1:
             dist.destroy_process_group()
-        sys.exit(T.STOPPED_EXIT_CODE if stopped_by else 0)
+        sys.exit(H.STOPPED_EXIT_CODE if stopped_by else 0)
     if mode == "muon":
         result = run_muon(rank, world_size)
     elif mode == "reduce":

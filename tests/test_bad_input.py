@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import harness as H
 import train_gpt as T
 from conftest import REPO, descendants, live_processes, process_group, run_process, trainer_command
 
@@ -28,7 +29,7 @@ SMALL_VOCAB = 1024  # tokens of the synthetic shards below; a small head keeps i
 
 def write_shard(path: Path, tokens) -> Path:
     header = np.zeros(256, dtype="<i4")
-    header[:3] = (T.SHARD_MAGIC, T.SHARD_VERSION, len(tokens))
+    header[:3] = (H.SHARD_MAGIC, H.SHARD_VERSION, len(tokens))
     path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
     return path
 
@@ -101,9 +102,9 @@ def test_help_aligns_columns_lists_ranges_presets_and_boolean_spellings():
     tiny = text[text.index("--preset=tiny:"):]
     for key, value in T.PRESETS["tiny"].items():
         assert f"--{key}={str(value).lower() if isinstance(value, bool) else value}" in tiny
-    for spellings in T.BOOLEAN_SPELLINGS.values():
+    for spellings in H.BOOLEAN_SPELLINGS.values():
         for spelling in spellings:
-            assert T.parse_value("compile", bool, spelling.upper()) == (spellings is T.BOOLEAN_SPELLINGS[True])
+            assert H.parse_value("compile", bool, spelling.upper()) == (spellings is H.BOOLEAN_SPELLINGS[True])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ def test_out_of_range_token_in_a_training_shard_stops_with_file_position_and_cau
     tokens[777] = 60000
     bad = write_shard(data_dir / "bad_train_000001.bin", tokens)
     code, err = run_main(capsys, fast_args(data_dir, train="bad_train_*.bin"))
-    assert_one_line(code, err, 2, str(bad), "token id 60000 at position 777", "different tokenizer?")
+    assert_one_line(code, err, 2, str(bad), "token 60000 at position 777", "different tokenizer?")
 
 
 def test_out_of_range_token_in_the_validation_shard_stops_before_training(data_dir, capsys):
@@ -173,7 +174,7 @@ def test_out_of_range_token_in_the_validation_shard_stops_before_training(data_d
     tokens[1234] = SMALL_VOCAB
     bad = write_shard(data_dir / "bad_val_000000.bin", tokens)
     code, err = run_main(capsys, fast_args(data_dir, val="bad_val_*.bin"))
-    assert_one_line(code, err, 2, str(bad), f"token id {SMALL_VOCAB} at position 1234", "--vocab_size=1024")
+    assert_one_line(code, err, 2, str(bad), f"token {SMALL_VOCAB} at position 1,234", "--vocab_size=1024")
     assert not (data_dir / "logs").exists(), "nothing must be logged for a run that never started"
 
 
@@ -193,8 +194,8 @@ def test_non_finite_loss_mid_run_stops_at_that_step(data_dir, capsys, monkeypatc
     code, err = run_main(capsys, fast_args(data_dir) + ["--num_iterations=25"])
     assert_one_line(code, err, 3, "training loss is not finite", "at step 13")
     log = (data_dir / "logs" / "run.txt").read_text().splitlines()
-    assert log[-1] == f"stopped: {T.nonfinite_loss_message(13, 'training')}"
-    assert log[-2].startswith(f"step:{T.LOSS_CHECK_EVERY * 2}/25 "), "stops at the first check after the bad step"
+    assert log[-1] == f"stopped: {H.nonfinite_loss_message(13, 'training')}"
+    assert log[-2].startswith(f"step:{H.LOSS_CHECK_EVERY * 2}/25 "), "stops at the first check after the bad step"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,7 +305,7 @@ def test_nvidia_smi_that_cannot_be_executed_is_reported_unavailable(tmp_path, mo
     (tmp_path / "nvidia-smi").chmod(0o644)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     settings = T.parse_settings(["--preset=tiny"])
-    report = T.environment_report(settings, T.resolve_runtime(settings, 0, 1, 0))
+    report = H.environment_report(settings, T.resolve_runtime(settings, 0, 1, 0))
     assert report.splitlines()[-1] == "nvidia-smi: not available"
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import harness as H
 import train_gpt as T
 from conftest import random_tiny_model_fp64, tiktoken_cache
 from evals import hellaswag
@@ -101,7 +102,7 @@ def test_command_scores_a_checkpoint_and_rejects_bad_input(tmp_path, capsys, mon
     settings = T.parse_settings(["--preset=tiny", "--compile=false"])
     model = T.build_model(settings, T.resolve_runtime(settings, 0, 1, 0))
     checkpoint = tmp_path / "model.pt"
-    T.write_checkpoint(checkpoint, dict(settings=dataclasses.asdict(settings), model=model.state_dict()))
+    H.write_checkpoint(checkpoint, dict(settings=dataclasses.asdict(settings), model=model.state_dict()))
     _, lines = controlled_model_and_examples()
     examples_file = write_jsonl(tmp_path / "val.jsonl", lines)
 

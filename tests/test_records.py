@@ -391,6 +391,41 @@ def test_compare_writes_png_and_source_diff(tmp_path, capsys):
     assert "is identical" in capsys.readouterr().out
 
 
+def test_logs_with_recipe_and_harness_are_split_and_diffed_per_file(tmp_path, capsys):
+    """Logs since the recipe/harness split embed train_gpt.py, a banner line, then harness.py."""
+    import harness
+
+    def two_files(recipe, harness_source):
+        return "\n".join([recipe, harness.source_banner("harness.py"), harness_source])
+
+    old = write_run(tmp_path / "old.txt", 0, 3.29, source=two_files("lr = 0.05", "log_every = 1"))
+    new = write_run(tmp_path / "new.txt", 1, 3.28, source=two_files("lr = 0.05", "log_every = 2"))
+    assert tool.read_log(old).sources == {"train_gpt.py": "lr = 0.05", "harness.py": "log_every = 1"}
+    single = write_run(tmp_path / "single.txt", 0, 3.3, source="lr = 0.05")
+    assert tool.read_log(single).sources == {"train_gpt.py": "lr = 0.05"}
+
+    assert tool.main(["compare", str(old), str(new), "--diff"]) == 0
+    output = capsys.readouterr().out
+    assert f"--- {old} (harness.py)\n+++ {new} (harness.py)\n" in output
+    assert "\n-log_every = 1\n+log_every = 2" in output
+    assert f"--- {old}\n" not in output  # the recipes are equal: no hunk for train_gpt.py
+
+
+def test_real_log_header_embeds_both_files(tmp_path):
+    import harness
+    import train_gpt
+
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("lr = 0.05\n")
+    header = harness.log_header(recipe, "Running Python x\nDevice: 1 x cpu")
+    log = tmp_path / "run.txt"
+    log.write_text(header + "step:0/1 val_loss:10.0000 train_time:0ms step_avg:0.00ms\n")
+    sources = tool.read_log(log).sources
+    assert sources["train_gpt.py"] == "lr = 0.05"
+    assert sources["harness.py"] == harness.HARNESS_FILE.read_text().rstrip("\n")
+    assert harness.source_sha256(recipe) != harness.source_sha256(train_gpt.RECIPE_FILE)
+
+
 def test_script_runs_from_the_command_line(tmp_path):
     log = write_run(tmp_path / "cli.txt", 0, 3.4)
     result = run_process([sys.executable, str(REPO_ROOT / "records" / "tool.py"), "summary", str(log)], timeout=120)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import harness as H
 import train_gpt as T
 from conftest import REPO, process_group, run_process, script_command, trainer_command
 from records import tool
@@ -22,7 +23,7 @@ VOCAB, STEPS = 256, 6
 
 def write_shard(path, tokens):
     header = np.zeros(256, dtype="<i4")
-    header[:3] = (T.SHARD_MAGIC, T.SHARD_VERSION, len(tokens))
+    header[:3] = (H.SHARD_MAGIC, H.SHARD_VERSION, len(tokens))
     path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
 
 
@@ -77,7 +78,7 @@ def sigterm_after_step(stop_step: int | None):
 
 def train_in_process(args, stop_step=None):
     settings = T.parse_settings(args)
-    with sigterm_after_step(stop_step), T.StopSignals() as signals:
+    with sigterm_after_step(stop_step), H.StopSignals() as signals:
         return T.train(settings, T.resolve_runtime(settings, 0, 1, 0), signals)
 
 
@@ -91,7 +92,7 @@ def losses(records) -> list[tuple]:
 
 
 def final_model(log_dir, run_id) -> dict:
-    final = T.read_checkpoint(log_dir / run_id / f"step_{STEPS:06d}.pt")
+    final = H.read_checkpoint(log_dir / run_id / f"step_{STEPS:06d}.pt")
     assert final["finished"] and final["step"] == STEPS
     return final["model"]
 
@@ -119,7 +120,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(data, referenc
         assert train_in_process(run_args(data, whole_dir, whole_id)) is None
     with default_dtype(dtype):
         assert train_in_process(run_args(data, tmp_path, "cut"), stop_step=3) == "SIGTERM"
-        assert [p.name for p in T.checkpoint_paths(tmp_path / "cut")] == ["step_000002.pt", "step_000003.pt"]
+        assert [p.name for p in H.checkpoint_paths(tmp_path / "cut")] == ["step_000002.pt", "step_000003.pt"]
         assert train_in_process(run_args(data, tmp_path, "cut", "--resume=auto")) is None
 
     whole, cut = metrics(whole_dir, whole_id), metrics(tmp_path, "cut")
@@ -199,7 +200,7 @@ def test_corrupt_checkpoints_are_detected_and_auto_falls_back(data, reference, t
     with default_dtype(torch.float64):
         assert train_in_process(run_args(data, tmp_path, "run"), stop_step=5) == "SIGTERM"
     folder = tmp_path / "run"
-    assert [p.name for p in T.checkpoint_paths(folder)] == ["step_000002.pt", "step_000004.pt", "step_000005.pt"]
+    assert [p.name for p in H.checkpoint_paths(folder)] == ["step_000002.pt", "step_000004.pt", "step_000005.pt"]
     newest = folder / "step_000005.pt"
     data_bytes = newest.read_bytes()
     cases = {
@@ -209,8 +210,8 @@ def test_corrupt_checkpoints_are_detected_and_auto_falls_back(data, reference, t
     }
     for name, (content, message) in cases.items():
         (tmp_path / f"{name}.pt").write_bytes(content)
-        with pytest.raises(T.CheckpointError, match=message):
-            T.read_checkpoint(tmp_path / f"{name}.pt")
+        with pytest.raises(H.CheckpointError, match=message):
+            H.read_checkpoint(tmp_path / f"{name}.pt")
     code, _, err = run_main(capsys, run_args(data, tmp_path, "run", f"--resume={tmp_path / 'flipped.pt'}"))
     assert code == 2 and err.count("\n") == 0 and "flipped.pt: corrupt checkpoint" in err
 
@@ -233,7 +234,7 @@ def test_ctrl_c_during_the_warmup_ends_setup_with_one_line(data, tmp_path, capsy
 
     monkeypatch.setattr(T, "warm_up_kernels", interrupted_warmup)
     code, _, err = run_main(capsys, run_args(data, tmp_path, "early"))
-    assert code == T.STOPPED_EXIT_CODE
+    assert code == H.STOPPED_EXIT_CODE
     assert err == "stopped by SIGINT before training started: nothing to save"
     text = (tmp_path / "early.txt").read_text()
     assert text.rstrip().endswith("stopped by SIGINT during the warmup, before training started")
@@ -253,16 +254,16 @@ def test_sigint_mid_run_checkpoints_and_exits_cleanly(data, tmp_path):
             time.sleep(0.1)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=600)
-    assert process.returncode == T.STOPPED_EXIT_CODE, err
+    assert process.returncode == H.STOPPED_EXIT_CODE, err
     assert "Traceback" not in err and "Traceback" not in out
-    assert err.strip().splitlines()[-1] == f"stopped by SIGINT (exit status {T.STOPPED_EXIT_CODE}); see the last log line"
+    assert err.strip().splitlines()[-1] == f"stopped by SIGINT (exit status {H.STOPPED_EXIT_CODE}); see the last log line"
     log = tool.read_log(log_path)
     assert not log.is_complete and 2 <= log.last_step < 200
     last_line = log_path.read_text().rstrip().splitlines()[-1]
     checkpoint_path = tmp_path / "live" / f"step_{log.last_step:06d}.pt"
     assert last_line == (f"stopped by SIGINT after step {log.last_step}/200: checkpoint {checkpoint_path}; "
                          "continue with --resume=auto")
-    checkpoint = T.read_checkpoint(checkpoint_path)
+    checkpoint = H.read_checkpoint(checkpoint_path)
     assert checkpoint["step"] == log.last_step and not checkpoint["finished"]
     # the checkpoint's clock was read after a device sync, a moment after the step line's (printed rounded)
     assert log.training_time_ms <= round(checkpoint["training_time_ms"]) < log.training_time_ms + 1000
@@ -276,7 +277,7 @@ def test_a_second_signal_exits_at_once(monkeypatch, capsys):
         raise Exited(status)
 
     monkeypatch.setattr(T.os, "_exit", fake_exit)
-    with T.StopSignals() as signals:
+    with H.StopSignals() as signals:
         signals.training = True
         signal.raise_signal(signal.SIGTERM)
         assert signals.received == "SIGTERM", "the first signal only asks the run to stop"

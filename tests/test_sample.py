@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import harness as H
 import train_gpt as T
 from conftest import REPO, random_tiny_model_fp64, shard_paths, tiktoken_cache
 
@@ -95,7 +96,7 @@ def test_sample_command_is_deterministic_and_reads_both_formats(trained_checkpoi
 
     with safe_open(str(safetensors), framework="pt") as f:
         assert T.Settings(**json.loads(f.metadata()["settings"])).num_iterations == 2
-    for name, tensor in T.read_checkpoint(checkpoint)["model"].items():
+    for name, tensor in H.read_checkpoint(checkpoint)["model"].items():
         assert torch.equal(model.state_dict()[name], tensor), name
 
 

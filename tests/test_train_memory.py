@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+import harness as H
 import train_gpt as T
 from conftest import REPO, shard_paths
 from test_train_distributed import launch
@@ -234,25 +235,25 @@ def synthetic_table() -> dict:
     (25.3, 4, (6, 8192)),  # 4 ranks: not in the table, bounded by the 1-rank rows
 ])
 def test_memory_auto_picks_the_least_recomputation_that_fits(memory_gb, world_size, expected):
-    savers, notice = T.choose_memory_savers(T.Settings(), world_size, int(memory_gb * 10**9), synthetic_table())
+    savers, notice = H.choose_memory_savers(T.Settings(), world_size, int(memory_gb * 10**9), synthetic_table())
     assert (savers.checkpoint_blocks, savers.loss_chunk_tokens) == expected
     assert notice.startswith(f"--memory=auto: checkpoint_blocks={expected[0]} loss_chunk_tokens={expected[1]}")
 
 
 def test_memory_auto_keeps_explicit_settings_and_says_when_nothing_fits():
     table = synthetic_table()
-    savers, _ = T.choose_memory_savers(T.parse_settings(["--checkpoint_blocks=12"]), 1, 25 * 10**9, table)
+    savers, _ = H.choose_memory_savers(T.parse_settings(["--checkpoint_blocks=12"]), 1, 25 * 10**9, table)
     assert savers == T.MemorySavers(12, 8192), "explicit checkpoint_blocks wins; auto fills the chunk"
-    savers, notice = T.choose_memory_savers(T.parse_settings(["--checkpoint_blocks=3", "--loss_chunk_tokens=0"]),
+    savers, notice = H.choose_memory_savers(T.parse_settings(["--checkpoint_blocks=3", "--loss_chunk_tokens=0"]),
                                             1, 25 * 10**9, table)
     assert savers == T.MemorySavers(3, 0) and notice.startswith("memory savers as set")
-    savers, notice = T.choose_memory_savers(T.Settings(), 1, 8 * 10**9, table)
+    savers, notice = H.choose_memory_savers(T.Settings(), 1, 8 * 10**9, table)
     assert savers == T.MemorySavers(12, 8192) and "does NOT fit" in notice
-    savers, notice = T.choose_memory_savers(T.parse_settings(["--train_seq_len=1024"]), 1, 8 * 10**9, table)
+    savers, notice = H.choose_memory_savers(T.parse_settings(["--train_seq_len=1024"]), 1, 8 * 10**9, table)
     assert savers == T.MemorySavers(0, 0) and "train_seq_len" in notice
-    savers, notice = T.choose_memory_savers(T.parse_settings(["--memory=off"]), 1, 8 * 10**9, table)
+    savers, notice = H.choose_memory_savers(T.parse_settings(["--memory=off"]), 1, 8 * 10**9, table)
     assert savers == T.MemorySavers(0, 0) and "--memory=off" in notice
-    savers, notice = T.choose_memory_savers(T.Settings(), 1, None, table)
+    savers, notice = H.choose_memory_savers(T.Settings(), 1, None, table)
     assert savers == T.MemorySavers(0, 0) and "no GPU" in notice
 
 
@@ -297,7 +298,7 @@ def test_committed_memory_table_is_the_one_its_reports_give():
 
     reports = [memory_table.read_report(path) for path in sorted((REPO / "records/benchmarks/memory").glob("*/gpu_check.json"))]
     built = memory_table.build_table(reports)
-    committed = json.loads(T.MEMORY_TABLE_PATH.read_text())
+    committed = json.loads(H.MEMORY_TABLE_PATH.read_text())
     assert built["shape"] == committed["shape"] and built["rows"] == committed["rows"], \
         "stale table: rerun python tools/memory_table.py records/benchmarks/memory/*/gpu_check.json"
     assert {row["fp8_head"] for row in built["rows"]} == {True, False}

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+import harness as H
 import train_gpt as T
 from conftest import REPO, first_file, run_process, run_trainer, shard_paths, trainer_command
 
@@ -17,7 +18,9 @@ def test_tiny_run_writes_record_format_log_and_learns(tiny_run_logs):
     parts = text.split("\n" + "=" * 100 + "\n")
     assert len(parts) == 3, "log must be: source, separator, environment, separator, steps"
     source, environment, body = parts
-    assert source == (REPO / "train_gpt.py").read_text().rstrip("\n"), "log must embed the script's source"
+    recipe, harness_source = source.split("\n" + H.source_banner("harness.py") + "\n")
+    assert recipe == (REPO / "train_gpt.py").read_text().rstrip("\n"), "log must embed the recipe's source"
+    assert harness_source == (REPO / "harness.py").read_text().rstrip("\n"), "log must embed the harness's source"
     env_lines = environment.splitlines()
     assert env_lines[0].startswith("Running Python ") and env_lines[1].startswith("Running PyTorch ")
     assert "Device: 1 x cpu" in env_lines and any(line.startswith("Settings: {") for line in env_lines)
@@ -54,7 +57,7 @@ def unigram_cross_entropy(val_tokens: int) -> float:
     return float(-log_probs[targets].mean())
 
 
-def write_shard(path, tokens, magic=T.SHARD_MAGIC, version=T.SHARD_VERSION, declared=None, extra=b""):
+def write_shard(path, tokens, magic=H.SHARD_MAGIC, version=H.SHARD_VERSION, declared=None, extra=b""):
     header = np.zeros(256, dtype="<i4")
     header[:3] = (magic, version, len(tokens) if declared is None else declared)
     path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes() + extra)
@@ -103,7 +106,7 @@ def test_corrupt_shards_are_rejected_before_training(data_dir, capsys, case, whi
 def test_header_only_fragment_is_rejected(data_dir, capsys):
     (data_dir / "frag_train_000001.bin").write_bytes(b"\0" * 100)
     code, err = run_main(capsys, tiny_args(data_dir, train="frag_train_*.bin"))
-    assert code == 2 and "shorter than the 1024-byte shard header" in err
+    assert code == 2 and "too short for a shard header (100 bytes, the header alone is 1024)" in err
 
 
 BAD_SETTING_CASES = [

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import harness as H
 import train_gpt as T
 from conftest import REPO, script_command
 
@@ -28,7 +29,7 @@ def launch(nproc: int, *args: str):
 
 def write_shard(path, tokens):
     header = np.zeros(256, dtype="<i4")
-    header[:3] = (T.SHARD_MAGIC, T.SHARD_VERSION, len(tokens))
+    header[:3] = (H.SHARD_MAGIC, H.SHARD_VERSION, len(tokens))
     path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
     return path
 
@@ -52,7 +53,7 @@ def previous_loader(files, s, runtime, moves_on):
 
     def load(path):
         count = T.read_shard_header(path)
-        return torch.from_numpy(np.fromfile(path, dtype="<u2", count=count, offset=T.SHARD_HEADER_BYTES)
+        return torch.from_numpy(np.fromfile(path, dtype="<u2", count=count, offset=H.SHARD_HEADER_BYTES)
                                 .astype(np.int32))
 
     file_index, tokens, position = 0, load(files[0]), 0

@@ -8,7 +8,7 @@ Each report is one `python tools/gpu_check.py --gpu=G --nproc=N --checkpoint_blo
 with its predicted peak memory: the largest MemTracker total over the report's training and evaluation
 phases, and over the GPUs checked with that combination. Writes records/benchmarks/memory_table.json
 (atomically) and prints the README table "Running on other GPUs": for every GPU and rank count checked, the
-savers that --memory=auto picks there (train_gpt.choose_memory_savers itself) and their predicted peak.
+savers that --memory=auto picks there (harness.choose_memory_savers itself) and their predicted peak.
 """
 
 import argparse
@@ -20,6 +20,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import harness as H  # noqa: E402
 import train_gpt as T  # noqa: E402
 
 GIB = 2**30
@@ -78,7 +79,7 @@ def build_table(reports: list[dict]) -> dict:
                     "(MemTracker over one training step and one evaluation on a fake GPU; a prediction from "
                     "generated code, not a measurement). train_gpt.py --memory=auto reads it.",
         generated_by="python tools/memory_table.py " + " ".join(sorted(str(r["path"].relative_to(REPO)) for r in reports)),
-        commits=commits, usable_memory="0.9 x the GPU's memory - 1 GiB (train_gpt.usable_memory_gib)",
+        commits=commits, usable_memory="0.9 x the GPU's memory - 1 GiB (harness.usable_memory_gib)",
         shape=shape, rows=sorted(rows.values(), key=lambda row: (row["world_size"], row["fp8_head"],
                                                                  row["recompute_flops_per_token"])))
 
@@ -95,7 +96,7 @@ def readme_table(table: dict, reports: list[dict]) -> str:
         for world_size in (1, 8):
             s = T.Settings(**{**reports[0]["settings"], "fp8_head": gpu["fp8"], "checkpoint_blocks": -1,
                               "loss_chunk_tokens": -1, "memory": "auto"})
-            savers, notice = T.choose_memory_savers(s, world_size, gpu["total_memory"], table)
+            savers, notice = H.choose_memory_savers(s, world_size, gpu["total_memory"], table)
             own = [r for r in reports if r["gpu"]["key"] == key and r["world_size"] == world_size
                    and r["settings"]["fp8_head"] == gpu["fp8"]
                    and (r["settings"]["checkpoint_blocks"], r["settings"]["loss_chunk_tokens"])
@@ -116,18 +117,18 @@ def readme_table(table: dict, reports: list[dict]) -> str:
                           if savers.checkpoint_blocks or savers.loss_chunk_tokens else "none")
             fits = "" if "does NOT fit" not in notice else " (does NOT fit)"
             lines.append(f"| {gpu['name']} | {world_size} | {'on' if gpu['fp8'] else 'off'} | {saver_text} | "
-                         f"{peak}{fits} | {T.usable_memory_gib(gpu['total_memory']):.1f} GiB | {source} |")
+                         f"{peak}{fits} | {H.usable_memory_gib(gpu['total_memory']):.1f} GiB | {source} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", type=Path, help="gpu_check.json files")
-    parser.add_argument("--out", type=Path, default=T.MEMORY_TABLE_PATH)
+    parser.add_argument("--out", type=Path, default=H.MEMORY_TABLE_PATH)
     args = parser.parse_args(argv)
     reports = [read_report(path.resolve()) for path in args.reports]
     table = build_table(reports)
-    T.write_file_atomically(args.out, [(json.dumps(table, indent=1) + "\n").encode()])
+    H.write_file_atomically(args.out, [(json.dumps(table, indent=1) + "\n").encode()])
     print(readme_table(table, reports))
     return 0
 

@@ -130,7 +130,7 @@ def module_conversion_by_replacement():
 def write_token_shard(T, path: Path, num_tokens: int):
     """A shard of zeros in train_gpt's format, so its own loaders run (token values do not matter)."""
     header = np.zeros(256, dtype="<i4")
-    header[:3] = (T.SHARD_MAGIC, T.SHARD_VERSION, num_tokens)
+    header[:3] = (H.SHARD_MAGIC, H.SHARD_VERSION, num_tokens)
     with open(path, "wb") as file:
         file.write(header.tobytes())
         file.write(np.zeros(num_tokens, dtype="<u2").tobytes())
@@ -281,6 +281,7 @@ def main(argv: list[str]) -> int:
     gpu = GPUS[args.gpu]
     fake_cuda.install(gpu)
     _record_graphs()
+    import harness as H
     import train_gpt as T
     try:
         s = T.parse_settings(trainer_args)
