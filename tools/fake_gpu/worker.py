@@ -127,10 +127,12 @@ def module_conversion_by_replacement():
         torch.nn.Module._apply = original
 
 
-def write_token_shard(T, path: Path, num_tokens: int):
-    """A shard of zeros in train_gpt's format, so its own loaders run (token values do not matter)."""
+def write_token_shard(path: Path, num_tokens: int):
+    """A shard of zeros in the trainer's format, so its own loaders run (token values do not matter)."""
+    from harness import SHARD_MAGIC, SHARD_VERSION  # imported after fake_cuda.install, as train_gpt is
+
     header = np.zeros(256, dtype="<i4")
-    header[:3] = (H.SHARD_MAGIC, H.SHARD_VERSION, num_tokens)
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, num_tokens)
     with open(path, "wb") as file:
         file.write(header.tobytes())
         file.write(np.zeros(num_tokens, dtype="<u2").tobytes())
@@ -176,7 +178,7 @@ def trace(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
     results = dict(phases={}, errors=[])
     fake_mode = fake_cuda.FakeGPUMode(allow_non_fake_inputs=True, run_custom_ops=True)
     shard = work_dir / "tokens.bin"
-    write_token_shard(T, shard, max(s.train_batch_tokens, s.val_tokens) + 1)
+    write_token_shard(shard, max(s.train_batch_tokens, s.val_tokens) + 1)
     do_train, do_eval = only in (None, "train"), only in (None, "eval")
     # host-side data is real (read from the shard outside the fake mode); only device tensors are fake
     val_tokens = T.load_val_tokens([shard], s) if do_eval else None
@@ -281,7 +283,6 @@ def main(argv: list[str]) -> int:
     gpu = GPUS[args.gpu]
     fake_cuda.install(gpu)
     _record_graphs()
-    import harness as H
     import train_gpt as T
     try:
         s = T.parse_settings(trainer_args)
