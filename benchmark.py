@@ -22,7 +22,6 @@ Sections, top to bottom:
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -44,24 +43,22 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 import harness as H  # noqa: E402
 import train_gpt as T  # noqa: E402
+from data import testdata  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Fixed settings (keep them fixed so results compare across commits)
 
 def default_data() -> tuple[str, str] | str:
-    """(train file, val file) from the tests' one test-data lookup (tests/conftest.py: $SPEEDRUN_TEST_DATA,
+    """(train file, val file) from the tests' test-data lookup (data/testdata.py: $SPEEDRUN_TEST_DATA,
     ../shared/data/enwiki, or FineWeb from data/cached_fineweb10B.py 1): the first shard of each.
     Returns the lookup's reason instead when it finds no data."""
-    spec = importlib.util.spec_from_file_location("speedrun_test_data", REPO / "tests" / "conftest.py")
-    test_data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(test_data)
     try:
-        train_files, val_files = test_data.shard_paths()
-    except BaseException as skipped:  # pytest.skip's exception derives from BaseException
-        if type(skipped).__name__ != "Skipped":
-            raise
-        return str(skipped)
-    return str(test_data.first_file(train_files)), str(test_data.first_file(val_files))
+        train_files, val_files = testdata.shard_paths()
+    except testdata.MissingTestData as missing:
+        return str(missing)
+    return str(testdata.first_file(train_files)), str(testdata.first_file(val_files))
+
+
 PREDICTED_WORLD_SIZE = 8  # the record's GPU count
 
 

@@ -1,12 +1,10 @@
-"""Shared paths, the one lookup of test data, and process helpers that never leave a child behind.
+"""Shared paths, the test-data lookup as skips, and process helpers that never leave a child behind.
 
-Test data (README "Test data"): the folder named by $SPEEDRUN_TEST_DATA, else ../shared/data beside the
-project. It holds enwiki/ (enwiki_train_*.bin, enwiki_val_000000.bin and the text they were made from)
-and gpt2/tiktoken_cache/ (the GPT-2 tokenizer, for offline tokenizing). Tests that only need some
-train and validation shards fall back to FineWeb from `python data/cached_fineweb10B.py 1`. A test
-whose data is missing is skipped with a reason that says how to provide it.
+Test data (README "Test data"): the lookup lives in data/testdata.py, which benchmark.py uses too; here a
+missing folder skips the test with the lookup's reason, which says how to provide the data.
 """
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -17,51 +15,25 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
-
-TEST_DATA_ENV = "SPEEDRUN_TEST_DATA"
-FINEWEB_DIR = REPO / "data" / "fineweb10B"
-PROVIDE_TEST_DATA = (f"put the shared test data at {SHARED / 'data'} or set {TEST_DATA_ENV} to a folder with "
-                     "enwiki/ and gpt2/tiktoken_cache/ (see README, 'Test data')")
-PROVIDE_SHARDS = f"{PROVIDE_TEST_DATA}, or run `python data/cached_fineweb10B.py 1` for FineWeb shards"
+from data import testdata  # noqa: E402
+from data.testdata import TEST_DATA_ENV, data_root, first_file  # noqa: E402,F401  (the tests import them from here)
 
 
-def data_root() -> Path:
-    return Path(os.environ[TEST_DATA_ENV]) if os.environ.get(TEST_DATA_ENV) else SHARED / "data"
+def skip_if_missing(lookup):
+    """The lookup, with its MissingTestData turned into a skip of the calling test."""
+    @functools.wraps(lookup)
+    def skipping(*args, **kwargs):
+        try:
+            return lookup(*args, **kwargs)
+        except testdata.MissingTestData as missing:
+            pytest.skip(str(missing))
+    return skipping
 
 
-def enwiki_dir(root: Path | None = None) -> Path:
-    """The enwiki shards and their source text (tests that compare against the published data)."""
-    enwiki = (root or data_root()) / "enwiki"
-    if not (enwiki / "enwiki_val_000000.bin").is_file() or not list(enwiki.glob("enwiki_train_*.bin")):
-        pytest.skip(f"test data missing: no enwiki shards in {enwiki}; {PROVIDE_TEST_DATA}")
-    return enwiki
-
-
-def tiktoken_cache(root: Path | None = None) -> Path:
-    """A tiktoken cache holding the GPT-2 encoding, so tokenizing needs no network."""
-    cache = (root or data_root()) / "gpt2" / "tiktoken_cache"
-    if not cache.is_dir() or not any(cache.iterdir()):
-        pytest.skip(f"test data missing: no tiktoken cache in {cache}; {PROVIDE_TEST_DATA}")
-    return cache
-
-
-def shard_paths(root: Path | None = None, fineweb_dir: Path = FINEWEB_DIR) -> tuple[str, str]:
-    """(train glob, val glob) of real token shards: enwiki, else the FineWeb shards of
-    `data/cached_fineweb10B.py 1` (their first training shard and the validation shard)."""
-    enwiki = (root or data_root()) / "enwiki"
-    if (enwiki / "enwiki_val_000000.bin").is_file() and list(enwiki.glob("enwiki_train_*.bin")):
-        return str(enwiki / "enwiki_train_*.bin"), str(enwiki / "enwiki_val_*.bin")
-    train, val = fineweb_dir / "fineweb_train_000001.bin", fineweb_dir / "fineweb_val_000000.bin"
-    if train.is_file() and val.is_file():
-        return str(train), str(val)
-    pytest.skip(f"test data missing: no enwiki shards in {enwiki} and no FineWeb shards in {fineweb_dir}; "
-                f"{PROVIDE_SHARDS}")
-
-
-def first_file(pattern: str) -> Path:
-    return Path(sorted(Path(pattern).parent.glob(Path(pattern).name))[0])
+enwiki_dir = skip_if_missing(testdata.enwiki_dir)
+tiktoken_cache = skip_if_missing(testdata.tiktoken_cache)
+shard_paths = skip_if_missing(testdata.shard_paths)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ def test_fineweb_shards_stand_in_for_the_enwiki_shards(tmp_path, monkeypatch):
 
 def test_benchmark_defaults_come_from_the_same_lookup(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(TEST_DATA_ENV, str(tmp_path))
-    monkeypatch.setattr(B, "REPO", REPO)
     reason = B.default_data()
     assert isinstance(reason, str) and f"no enwiki shards in {tmp_path / 'enwiki'}" in reason
     assert B.main(["--out", str(tmp_path / "out")]) == 2
