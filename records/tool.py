@@ -44,6 +44,7 @@ TABLE_BEGIN = "<!-- records-table:begin -->"
 TABLE_END = "<!-- records-table:end -->"
 RECORDS_DIR = Path(__file__).resolve().parent
 DEFAULT_README = RECORDS_DIR.parent / "README.md"
+sys.path.insert(0, str(RECORDS_DIR.parent))  # harness.py, for `python records/tool.py`
 RECORD_FOLDER_NAME = re.compile(r"(\d{4}-\d{2}-\d{2})_[A-Za-z0-9][A-Za-z0-9._-]*")
 PROGRESS_BAR_MIN_FILES = 36  # more logs than this get a progress bar on stderr
 NOTES_KEPT = 100  # notes kept per log for `summary --notes`; all of them are counted
@@ -977,8 +978,7 @@ def command_table(args: argparse.Namespace) -> int:
         print(f"{args.readme}: records table is up to date ({len(records)} records)")
         return 0
     if updated != text:
-        # harness.py imports torch: imported here, where the one atomic writer is needed
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        # the project's one atomic writer; imported only here because harness.py loads torch
         from harness import write_file_atomically
 
         write_file_atomically(args.readme, [updated.encode()])

@@ -182,16 +182,9 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomically(path: Path, text: str):
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
 def write(results: dict, markdown: str, out: Path):
+    # imported here, not at the top: train_gpt may be imported only after fake_cuda.install (worker.main)
+    from harness import write_file_atomically
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / "gpu_check.json", json.dumps(results, indent=1, default=str) + "\n")
-    _write_atomically(out / "gpu_check.md", markdown)
+    write_file_atomically(out / "gpu_check.json", [(json.dumps(results, indent=1, default=str) + "\n").encode()])
+    write_file_atomically(out / "gpu_check.md", [markdown.encode()])
