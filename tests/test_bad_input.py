@@ -182,6 +182,7 @@ def test_out_of_range_token_in_the_validation_shard_stops_before_training(data_d
 # A diverging run stops
 
 
+@pytest.mark.slow
 def test_non_finite_loss_mid_run_stops_at_that_step(data_dir, capsys, monkeypatch):
     """A test hook makes step 13's loss NaN; the run stops at the next check (step 20), naming step 13."""
     real_train_step = T.train_step

@@ -65,6 +65,7 @@ def number(cell: str) -> float:
     return float(cell.replace(",", ""))
 
 
+@pytest.mark.slow
 def test_report_has_every_section_with_positive_finite_figures(report):
     results, _, _ = report
     assert results["errors"] == {}
@@ -76,6 +77,7 @@ def test_report_has_every_section_with_positive_finite_figures(report):
         assert math.isfinite(value) and value > 0, f"{path} = {value}"
 
 
+@pytest.mark.slow
 def test_markdown_lists_the_same_figures_as_the_json(report):
     results, text, stdout = report
     assert text in stdout, "the printed report must be the Markdown file"
@@ -105,6 +107,7 @@ def test_markdown_lists_the_same_figures_as_the_json(report):
         assert number(row[3]) == pytest.approx(point["val_loss"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_breakdown_components_are_consistent_with_the_whole_step(report):
     results, _, _ = report
     breakdown, settings = results["breakdown"], results["settings"]
@@ -130,6 +133,7 @@ def test_breakdown_components_are_consistent_with_the_whole_step(report):
     assert components["optimizer: Muon"]["ms"] == step["muon_ms"] and whole == step["train_step_ms"]
 
 
+@pytest.mark.slow
 def test_prediction_and_mfu_follow_from_the_measurements(report):
     results, _, _ = report
     step, flops, ceiling = results["step"], results["flops"], results["ceilings"]["matmul"]
@@ -177,6 +181,7 @@ def attended_keys_per_query(seq_len: int, block_size: int, window_blocks: int) -
     return query - oldest_key + 1
 
 
+@pytest.mark.slow
 def test_flops_per_token_matches_an_independent_count(report):
     results, _, _ = report
     tiny = T.Settings(**results["settings"])
@@ -248,6 +253,7 @@ def test_muon_rank_share_orthogonalises_only_rank_zeros_matrices(one_thread):
     assert total == sum(p.ndim >= 2 for p in model.blocks.parameters())
 
 
+@pytest.mark.slow
 def test_learning_proxy_uses_the_fixed_settings_and_learns(report):
     results, text, _ = report
     proxy = results["learning_proxy"]
@@ -266,6 +272,7 @@ def test_learning_proxy_uses_the_fixed_settings_and_learns(report):
     assert "Fixed settings: train_batch_tokens=" in text
 
 
+@pytest.mark.slow
 def test_metadata_names_device_torch_commit_and_command(report):
     results, text, _ = report
     meta = results["meta"]
@@ -284,6 +291,7 @@ def test_metadata_names_device_torch_commit_and_command(report):
     assert re.search(r"^- device: \*\*cpu\*\*", text, re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_labels_say_what_was_measured(report):
     """No compile in the CPU mode: the first-call row must not claim one; the proxy's token count is
     the training tokens it saw."""

@@ -98,6 +98,7 @@ def test_fp8_op_equals_the_previous_implementation_bit_for_bit(tokens, dim, voca
     assert 0.1 < flushed.float().mean() < 0.9, "the output gradients should be partly flushed to zero in e5m2"
 
 
+@pytest.mark.slow
 def test_compiled_fp8_bodies_equal_the_previous_implementation_bit_for_bit():
     """The bodies CUDA runs compiled, compiled here for CPU: fusing scale + cast changes no bit."""
     x, w, grad = head_operands(256, 64, 512, torch.bfloat16, seed=7)
@@ -167,6 +168,7 @@ def runtime_with(accum_steps: int) -> T.Runtime:
                      grad_accum_steps=accum_steps)
 
 
+@pytest.mark.slow
 def test_fp8_backward_sees_the_same_gradients_at_1_rank_with_8_micro_steps_as_at_8_ranks():
     batches, window = micro_batches(), torch.tensor(1)
     model = FP8Head()

@@ -178,6 +178,7 @@ def test_launcher_without_compiler_is_one_line_error(monkeypatch, tmp_path):
 VENV = gpu_check.venv_dir(*gpu_check.pinned_versions())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not gpu_check.venv_is_valid(VENV, *gpu_check.pinned_versions()),
                     reason=f"needs the GPU check's CUDA venv ({VENV}); `python tools/gpu_check.py` creates it")
 def test_check_fails_for_a_model_that_does_not_compile_for_the_gpu(tmp_path):
@@ -191,6 +192,7 @@ def test_check_fails_for_a_model_that_does_not_compile_for_the_gpu(tmp_path):
     assert "block size must be divisible" in (tmp_path / "gpu_check.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not gpu_check.venv_is_valid(VENV, *gpu_check.pinned_versions()),
                     reason=f"needs the GPU check's CUDA venv ({VENV}); `python tools/gpu_check.py` creates it")
 def test_check_runs_the_fp8_op_compiled_as_a_gpu_would(tmp_path):

@@ -531,6 +531,7 @@ def test_repository_readme_table_is_up_to_date(capsys):
 # Logs of the real trainer (tiny CPU runs provided by tests/conftest.py)
 
 
+@pytest.mark.slow
 def test_real_trainer_logs_through_all_commands(tiny_run_logs, tmp_path, capsys):
     first, second = tiny_run_logs
     logs = [tool.read_log(path) for path in tiny_run_logs]

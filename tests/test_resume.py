@@ -142,6 +142,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(data, referenc
         whole_dir / f"{whole_id}.txt").final_val_loss
 
 
+@pytest.mark.slow
 def test_a_run_moved_from_1_to_2_ranks_and_back_trains_the_same(data, reference, tmp_path):
     """Steps 1-2 on 1 rank; 3-4 on 2 ranks, where rank 1 alone gets SIGTERM during step 3 and the ranks
     agree to stop after step 4; 5-6 on 1 rank again. float64, but Muon's Newton-Schulz runs in fp32 on

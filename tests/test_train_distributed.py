@@ -2,6 +2,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, run_process, script_command, shard_paths
@@ -29,6 +30,7 @@ def test_muon_sharded_over_two_ranks_equals_single_process(tmp_path):
             assert torch.allclose(a, b, rtol=0, atol=1e-6), f"rank {rank} parameter {index} differs from 1 process"
 
 
+@pytest.mark.slow
 def test_two_ranks_train_like_one_rank_with_twice_the_accumulation(tmp_path):
     train_files, val_files = shard_paths()
     args = ["--preset=tiny", "--compile=false", "--num_iterations=4", f"--train_files={train_files}",

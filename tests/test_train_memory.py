@@ -88,6 +88,7 @@ def test_checkpointed_blocks_train_exactly_like_stored_activations(plain_trainin
     assert_same_training(plain_training, train_and_record(savers, False), 1e-12)
 
 
+@pytest.mark.slow
 def test_compiled_savers_train_like_the_plain_model(float64):
     # Inductor's partitioner does the recompute here. One compilation (against the eager plain model) and
     # 2 blocks keep the test short on CPU.
@@ -97,6 +98,7 @@ def test_compiled_savers_train_like_the_plain_model(float64):
     assert_same_training(plain, saving, 1e-10)
 
 
+@pytest.mark.slow
 def test_two_ranks_with_savers_train_like_one_rank(tmp_path):
     train_files, val_files = shard_paths()
     args = ["--preset=tiny", "--compile=false", "--num_iterations=3", f"--train_files={train_files}",

@@ -13,6 +13,7 @@ from conftest import REPO, first_file, run_process, run_trainer, shard_paths, tr
 STEP_LINE = re.compile(r"step:(\d+)/(\d+) (?:val_loss:(\d+\.\d{4}) )?train_time:(\d+)ms step_avg:(\d+\.\d{2})ms")
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_record_format_log_and_learns(tiny_run_logs):
     text = tiny_run_logs[0].read_text()
     parts = text.split("\n" + "=" * 100 + "\n")
@@ -141,6 +142,7 @@ def test_impossible_world_size_names_the_valid_choices(data_dir, capsys, monkeyp
     assert "world size 3 cannot split a step of 4 sequences" in err and "run with 1, 2, 4 processes" in err
 
 
+@pytest.mark.slow
 def test_command_line_help_and_error_exit_codes(tmp_path):
     result = run_trainer(["--help"])
     assert result.returncode == 0
@@ -173,6 +175,7 @@ def test_trainer_and_data_tools_agree_on_shards(tmp_path):
     assert np.array_equal(T.load_shard(val, 50257).numpy(), shards.read_tokens(val).astype(np.int32))
 
 
+@pytest.mark.slow
 def test_two_rank_run_logs_once_and_validates_the_same_tokens(tmp_path):
     """torchrun with 2 gloo ranks: one log (rank 0), and the step-0 validation loss, over 3 sequences
     split unevenly across the ranks, equals the single-process one."""

@@ -199,6 +199,7 @@ def test_record_muon_needs_7_gathers_on_8_ranks():
     assert sum(math.ceil(sum(tuple(p.shape) == shape for p in matrices) / 8) for shape in by_shape) == 8
 
 
+@pytest.mark.slow
 def test_compiled_newton_schulz_equals_eager_within_bf16_rounding():
     """The record's Muon shapes scaled down 8x: qkv (3, 96, 96), attention out (96, 96), MLP in (384, 96)
     and out (96, 384); bf16 as on GPUs. The compiled function fuses elementwise steps (fewer roundings), so
@@ -238,6 +239,7 @@ def test_bucketed_reduction_equals_all_reduce_after_backward_and_starts_during_b
         assert reductions[0] > finals[8], "nothing is reduced during the first micro-step"
 
 
+@pytest.mark.slow
 def test_two_ranks_train_like_one_rank_with_the_fp8_head_in_fp32(tmp_path):
     generator = np.random.default_rng(0)
     for name, size in (("train_000001", 20000), ("val_000000", 5000)):
