@@ -638,7 +638,7 @@ def write_report(results: dict, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     text = render_markdown(results)
     for name, content in (("benchmark.json", json.dumps(results, indent=2) + "\n"), ("benchmark.md", text)):
-        T.write_file_atomically(out / name, [content.encode()])
+        H.write_file_atomically(out / name, [content.encode()])
     return text
 
 

@@ -1175,10 +1175,20 @@ def process_group(runtime):
             dist.destroy_process_group()
 
 
+LOST_RANK_EXIT_CODE = 4  # another rank's process or node died, or the network between them failed
+
+
+def lost_another_rank(error: RuntimeError) -> bool:
+    """A collective failed because a peer is gone: NCCL and the stores raise DistError; gloo raises a plain
+    RuntimeError from its transport ("Connection closed by peer", "Connection reset by peer", timeouts)."""
+    return isinstance(error, dist.DistError) or "gloo/transport" in str(error)
+
+
 def run_main(argv: list[str], help_text: Callable[[], str], command: Callable[["StopSignals"], str | None]) -> int:
     """A recipe's main: --help, or command(signals) under the stop-signal handlers. Every way it ends is one
-    line on rank 0 and an exit status: 0 done, 2 bad settings or data, 3 diverged, 75 stopped by a signal.
-    command returns None when the run finished, or the name of the signal that stopped it."""
+    line on rank 0 and an exit status: 0 done, 2 bad settings or data, 3 diverged, 4 lost another rank (said
+    by every rank that sees it: rank 0 may be the one that died), 75 stopped by a signal. command returns
+    None when the run finished, or the name of the signal that stopped it."""
     if "--help" in argv or "-h" in argv:
         print(help_text())
         return 0
@@ -1199,6 +1209,13 @@ def run_main(argv: list[str], help_text: Callable[[], str], command: Callable[["
                 print(f"stopped by {interrupted.signal_name} before training started: nothing to save",
                       file=sys.stderr, flush=True)
             return STOPPED_EXIT_CODE
+        except RuntimeError as error:
+            if process_ranks()[1] == 1 or not lost_another_rank(error):
+                raise
+            reason = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0])  # gloo's [file:line] prefix
+            print(f"error: rank {rank} lost another rank (its process or node died, or the network failed): {reason}; "
+                  "continue with --resume=auto once every node runs again", file=sys.stderr, flush=True)
+            return LOST_RANK_EXIT_CODE
     if stopped_by is not None:
         if rank == 0:
             print(f"stopped by {stopped_by} (exit status {STOPPED_EXIT_CODE}); see the last log line",

@@ -127,10 +127,6 @@ SURVIVOR_STOP_SECONDS = 180  # a few steps of a loaded machine; gloo's default t
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="train_gpt.main() lets gloo's RuntimeError ('Connection closed by peer') out as a traceback "
-                   "(exit 1) and prints its errors on rank 0 only; the change it needs is described in the issue #22 "
-                   "test report (catch it in main() on every rank: one 'error: ...' line)")
 def test_a_node_that_dies_mid_run_stops_the_other_with_one_line(tmp_path):
     """Node 1's launch (torchrun and its worker) is killed after step 2: node 0 must stop within
     SURVIVOR_STOP_SECONDS, its worker saying why in one line."""
@@ -161,3 +157,4 @@ def test_a_node_that_dies_mid_run_stops_the_other_with_one_line(tmp_path):
     text = worker_stderr.read_text()
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in text and len(errors) == 1 and text.strip().endswith(errors[0]), text[-3000:]
+    assert "lost another rank" in errors[0]

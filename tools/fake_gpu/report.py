@@ -183,7 +183,7 @@ def render_markdown(results: dict) -> str:
 
 
 def write(results: dict, markdown: str, out: Path):
-    # imported here, not at the top: train_gpt may be imported only after fake_cuda.install (worker.main)
+    # imported here, not at the top: harness (torch) may be imported only after fake_cuda.install (worker.main)
     from harness import write_file_atomically
     out.mkdir(parents=True, exist_ok=True)
     write_file_atomically(out / "gpu_check.json", [(json.dumps(results, indent=1, default=str) + "\n").encode()])
