@@ -5,6 +5,10 @@
 # mistake shows as the trainer's one-line error and exit status 2, not inside torchrun's traceback.
 set -euo pipefail
 cd "$(dirname "$0")"
+for arg in "$@"; do
+    # --help needs no GPU: it prints the trainer's settings on any machine
+    if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then exec python train_gpt.py --help; fi
+done
 if [ -z "${NPROC:-}" ]; then
     NPROC=$(python -c "import torch; print(torch.cuda.device_count())")
     if [ "$NPROC" -eq 0 ]; then
@@ -15,8 +19,5 @@ if [ -z "${NPROC:-}" ]; then
         exit 1
     fi
 fi
-for arg in "$@"; do
-    if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then exec python train_gpt.py --help; fi
-done
 WORLD_SIZE="$NPROC" LOCAL_WORLD_SIZE="$NPROC" python train_gpt.py "$@" --check_only=true
 exec torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py "$@"

@@ -197,6 +197,12 @@ def test_two_rank_run_logs_once_and_validates_the_same_tokens(tmp_path):
     assert val_losses[1] == val_losses[2]
 
 
+def test_run_sh_help_prints_the_trainers_settings_without_a_gpu():
+    result = run_process(["bash", str(REPO / "run.sh"), "--help"], cwd=REPO, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("usage:") and "--preset=tiny" in result.stdout
+
+
 def test_run_sh_without_gpu_explains_and_passes_arguments_through():
     result = run_process(["bash", str(REPO / "run.sh")], cwd=REPO, timeout=300)
     assert result.returncode == 1 and "no CUDA GPU is visible" in result.stderr
