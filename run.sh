@@ -5,9 +5,11 @@
 # mistake shows as the trainer's one-line error and exit status 2, not inside torchrun's traceback.
 set -euo pipefail
 cd "$(dirname "$0")"
+train_files_given=false
 for arg in "$@"; do
     # --help needs no GPU: it prints the trainer's settings on any machine
     if [ "$arg" = "--help" ] || [ "$arg" = "-h" ]; then exec python train_gpt.py --help; fi
+    case "$arg" in --train_files=*) train_files_given=true ;; esac
 done
 if [ -z "${NPROC:-}" ]; then
     NPROC=$(python -c "import torch; print(torch.cuda.device_count())")
@@ -18,6 +20,12 @@ if [ -z "${NPROC:-}" ]; then
         echo "(or on your own text: see README 'First contact'; NPROC=2 ./run.sh --preset=tiny for two gloo ranks)" >&2
         exit 1
     fi
+fi
+# In the Docker image (SPEEDRUN_IMAGE, set by the Dockerfile) the data folder is a mount: say how to fill it.
+if [ -n "${SPEEDRUN_IMAGE:-}" ] && [ "$train_files_given" = false ] && ! compgen -G "data/fineweb10B/fineweb_train_*.bin" >/dev/null; then
+    echo "run.sh: no training data in the image's data/fineweb10B; download it into the mounted folder with:" \
+        "docker run --rm -v \"\$PWD/data/fineweb10B\":/speedrun/data/fineweb10B speedrun python data/cached_fineweb10B.py 9" >&2
+    exit 2
 fi
 WORLD_SIZE="$NPROC" LOCAL_WORLD_SIZE="$NPROC" python train_gpt.py "$@" --check_only=true
 exec torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py "$@"
