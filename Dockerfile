@@ -4,7 +4,7 @@
 #   docker run --rm -v "$PWD/data/fineweb10B":/speedrun/data/fineweb10B speedrun python data/cached_fineweb10B.py 9
 #   docker run --gpus all --ipc=host --rm -v "$PWD/data/fineweb10B":/speedrun/data/fineweb10B -v "$PWD/logs":/speedrun/logs speedrun
 # With edited code: add -v "$PWD":/speedrun (the mount replaces the code baked in the image).
-# BASE: CI builds on a local Debian (Docker Hub is not reachable there); records use the CUDA image.
+# BASE: CI's container check (tools/container_check.py) builds on a local Debian; records use the CUDA image.
 ARG BASE=nvidia/cuda:13.0.0-devel-ubuntu24.04
 FROM ${BASE}
 

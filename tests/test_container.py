@@ -1,13 +1,26 @@
-"""The Docker pieces that need no Docker: what .dockerignore keeps out of the image, the Dockerfile's base
-and pins, and run.sh's data hint in the image."""
+"""The Docker pieces that need no Docker: what .dockerignore keeps out of the image, the container check's
+arguments and its registry-hiccup rule, the Dockerfile's base and pins, and run.sh's data hint in the
+image. tools/container_check.py itself (run by .ci/run) builds and runs the image."""
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from conftest import REPO, run_process
+
+CHECK = REPO / "tools" / "container_check.py"
+
+
+def load_check():
+    spec = importlib.util.spec_from_file_location("container_check", CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # ----------------------------------------------------------------------------------------------------
 # .dockerignore, matched as Docker matches it (moby/patternmatcher, used by the build context): patterns
@@ -74,6 +87,59 @@ def test_dockerignore_keeps_every_tracked_file():
     rules = dockerignore_rules()
     assert [path for path in tracked.splitlines() if left_out(path, rules)] == []
     assert "data/cached_fineweb10B.py" in tracked and "tests/test_bad_input.py" in tracked
+
+
+# ----------------------------------------------------------------------------------------------------
+# The container check's arguments: every mistake is one line and exit 2, before anything is installed
+
+
+def run_check(args: list[str]) -> subprocess.CompletedProcess:
+    return run_process([sys.executable, str(CHECK), *args], timeout=60, cwd=REPO)
+
+
+def test_container_check_help():
+    result = run_check(["--help"])
+    assert result.returncode == 0 and "--shared" in result.stdout and "--steps" in result.stdout
+    assert "3 a registry hiccup" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stpes=4"], "unknown argument '--stpes=4'"),
+    (["--steps"], "unknown argument '--steps'"),
+    (["--steps=0"], "--steps=0: must be a whole number of at least 1"),
+    (["--steps=two"], "--steps=two: must be a whole number"),
+    (["--shared=/nonexistent/data"], "no enwiki shards in /nonexistent/data/enwiki"),
+])
+def test_container_check_rejects_bad_arguments_in_one_line(args, message):
+    result = run_check(args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_container_check_reads_the_arguments(tmp_path):
+    check = load_check()
+    (tmp_path / "enwiki").mkdir()
+    for name in ("enwiki_train_000001.bin", "enwiki_val_000000.bin"):
+        (tmp_path / "enwiki" / name).write_bytes(b"")
+    options = check.parse_args([f"--shared={tmp_path}", "--steps=7"])
+    assert options.shared == tmp_path.resolve() and options.steps == 7
+
+
+def test_registry_hiccup_is_a_timeout_or_a_lost_connection_near_the_end():
+    check = load_check()
+    pip_timeout = ("Collecting torch==2.11.0\n  Downloading torch-2.11.0.whl (900 MB)\n"
+                   "pip._vendor.urllib3.exceptions.ReadTimeoutError: HTTPSConnectionPool(host='files.pythonhosted.org', "
+                   "port=443): Read timed out.\n")
+    assert check.registry_hiccup(pip_timeout) == "ReadTimeoutError"
+    assert check.registry_hiccup("E: Failed to fetch http://deb.debian.org/x.deb  Temporary failure resolving "
+                                 "'deb.debian.org'\n") == "Failed to fetch"
+    assert check.registry_hiccup("E: Couldn't download packages: python3\n") == "Couldn't download"
+    # a wrong pin or a failing build step is a finding, also after a retry that then succeeded
+    wrong_pin = ("WARNING: Retrying (Retry(total=4)) after connection broken by 'ReadTimeoutError'\n" + "ok\n" * 50 +
+                 "ERROR: Could not find a version that satisfies the requirement torch==9.9\n"
+                 "ERROR: No matching distribution found for torch==9.9\n")
+    assert check.registry_hiccup(wrong_pin) is None
+    assert check.registry_hiccup("E: Unable to locate package python4\n") is None
 
 
 # ----------------------------------------------------------------------------------------------------
