@@ -17,7 +17,6 @@ Then it writes gpu_check.json and gpu_check.md to --out and prints the table; ex
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
