@@ -10,6 +10,7 @@ Sections, top to bottom:
   2. Start-up checks: GPU memory, log folder    6. Stop signals and the non-finite loss watch
   3. Token shards: the one reader               7. Checkpoints and exports
   4. Validation data not in the training data   8. The run: Run (train()'s services) and run_main
+                                                 9. The launcher: torchrun for run.sh (python harness.py launch)
 """
 
 import collections
@@ -1222,3 +1223,79 @@ def run_main(argv: list[str], help_text: Callable[[], str], command: Callable[["
                   file=sys.stderr, flush=True)
         return STOPPED_EXIT_CODE
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. The launcher. run.sh starts the ranks with `python harness.py launch NPROC SCRIPT ARGS...`: torchrun's
+# agent, run in a thread of this process. torchrun on its own meets a stop signal with a traceback and exit
+# status 1, and after 30 s kills ranks that are still saving their checkpoint. Here the agent's thread cannot
+# receive signals: this process passes each SIGINT/SIGTERM on to the ranks (its children, each in a session
+# of its own), waits for them however long their checkpoint takes, and exits with their exit status.
+
+
+def child_pids() -> set[int]:
+    """The pids of this process's living children, from /proc (Linux)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)": state ppid ...
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                children.add(int(stat.parent.name))
+    return children
+
+
+def ranks_exit_status(failures: dict) -> int:
+    """The exit status of the rank that failed first (its one line says why): a rank killed by a signal,
+    which said nothing, gets a line here and the shell's 128 + signal number."""
+    rank, failure = min(failures.items(), key=lambda item: item[1].timestamp)
+    if failure.exitcode >= 0:
+        return failure.exitcode
+    name = signal.Signals(-failure.exitcode).name
+    print(f"launcher: rank {rank} was killed by {name} (out of host memory?)", file=sys.stderr, flush=True)
+    return 128 - failure.exitcode
+
+
+def launch(nproc: int, script: str, script_args: list[str]) -> int:
+    """Runs `torchrun --standalone --nproc_per_node=NPROC SCRIPT ARGS` and returns the ranks' exit status."""
+    import logging
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    # the agent logs each rank's exit and each rank it stops; the ranks say why themselves (see ranks_exit_status)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    outcome = {}
+
+    def run_agent():
+        try:
+            run(parse_args(["--standalone", f"--nproc_per_node={nproc}", script, *script_args]))
+            outcome["status"] = 0
+        except ChildFailedError as failed:
+            outcome["failures"] = failed.failures
+        except BaseException as error:  # torchrun's own failure (rendezvous, port): raised again below
+            outcome["error"] = error
+
+    received, passed_on = [], collections.defaultdict(int)  # signals received; pid -> how many passed on
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    agent = threading.Thread(target=run_agent, name="torchrun agent")
+    try:
+        agent.start()
+        while agent.is_alive():
+            agent.join(timeout=0.2)
+            if received:  # ranks started after a signal get it too
+                for pid in child_pids():
+                    for signum in received[passed_on[pid]:]:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signum)
+                    passed_on[pid] = len(received)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if "error" in outcome:
+        raise outcome["error"]
+    return ranks_exit_status(outcome["failures"]) if "failures" in outcome else outcome["status"]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["launch"] or len(sys.argv) < 4:
+        sys.exit("usage: python harness.py launch NPROC SCRIPT [ARGS...]   (run.sh does this)")
+    sys.exit(launch(int(sys.argv[2]), sys.argv[3], sys.argv[4:]))

@@ -28,4 +28,6 @@ if [ -n "${SPEEDRUN_IMAGE:-}" ] && [ "$train_files_given" = false ] && ! compgen
     exit 2
 fi
 WORLD_SIZE="$NPROC" LOCAL_WORLD_SIZE="$NPROC" python train_gpt.py "$@" --check_only=true
-exec torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py "$@"
+# torchrun in harness.py's launcher: a stop signal (Ctrl-C, a scheduler's SIGTERM) ends with the ranks' one
+# line and their exit status (75 after a clean stop), not torchrun's traceback and exit status 1
+exec python harness.py launch "$NPROC" train_gpt.py "$@"

@@ -1,14 +1,17 @@
 """End to end: the tiny preset on enwiki writes a record-format log and learns; bad input fails clearly."""
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 import harness as H
 import train_gpt as T
-from conftest import REPO, first_file, run_process, run_trainer, shard_paths, trainer_command
+from conftest import REPO, first_file, process_group, run_process, run_trainer, shard_paths, trainer_command
 
 STEP_LINE = re.compile(r"step:(\d+)/(\d+) (?:val_loss:(\d+\.\d{4}) )?train_time:(\d+)ms step_avg:(\d+\.\d{2})ms")
 
@@ -212,3 +215,30 @@ def test_run_sh_without_gpu_explains_and_passes_arguments_through():
                          env={**os.environ, "NPROC": "3", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "world size 3 cannot split a step of 4 sequences" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_run_sh_stopped_by_a_signal_exits_75_with_the_ranks_lines_only(tmp_path, stop_signal):
+    """NPROC=2 ./run.sh, stopped by Ctrl-C (SIGINT to its process group) or a scheduler's SIGTERM once training
+    started: the ranks stop cleanly and run.sh exits with their status, without torchrun's traceback."""
+    train_files, val_files = shard_paths()
+    args = ["--preset=tiny", "--compile=false", "--warmup_steps=0", "--num_iterations=200",
+            f"--train_files={train_files}", f"--val_files={val_files}", f"--log_dir={tmp_path}", "--run_id=stopped"]
+    console = tmp_path / "console.out"
+    with open(console, "w") as output, process_group(["bash", str(REPO / "run.sh"), *args], cwd=REPO,
+                                                      stdout=output, stderr=subprocess.STDOUT,
+                                                      env={**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1"}) as run:
+        deadline = time.monotonic() + 600
+        while not re.search(r"^step:1/200 ", console.read_text(), re.MULTILINE):
+            assert run.poll() is None and time.monotonic() < deadline, console.read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(run.pid, stop_signal)
+        returncode = run.wait(timeout=600)
+    text = console.read_text()
+    name = signal.Signals(stop_signal).name
+    assert returncode == H.STOPPED_EXIT_CODE, text[-3000:]
+    assert "Traceback" not in text and "torch.distributed.elastic" not in text, text[-3000:]
+    assert text.count(f"stopped by {name} (exit status {H.STOPPED_EXIT_CODE})") == 1
+    assert text.rstrip().splitlines()[-1] == f"stopped by {name} (exit status {H.STOPPED_EXIT_CODE}); see the last log line"
+    assert re.search(rf"^stopped by {name} after step \d+/200: no checkpoint", text, re.MULTILINE)
