@@ -603,10 +603,11 @@ class MetricsFile:
 
     Train losses reach the host without a sync: each step's loss is copied to pinned memory behind a
     CUDA event, and its line is written once the event has passed (at once on CPU; every pending line
-    at validations, checkpoints and the end, where the device is synchronised anyway)."""
+    at validations, checkpoints, loss checks, a stop and the end, where the device is synchronised anyway).
+    Each train_step's `then(train_loss)` runs when its line is written: the log's step line, in order."""
 
     def __init__(self, path: Path | None, resume_bytes: int | None = None):
-        self.file, self.pending = None, collections.deque()  # pending: (record, host loss, event or None)
+        self.file, self.pending = None, collections.deque()  # pending: (record, host loss, event or None, then)
         if path is None:
             return
         if resume_bytes is not None and path.exists() and path.stat().st_size >= resume_bytes:
@@ -615,7 +616,7 @@ class MetricsFile:
         else:
             self.file = open(path, "w")
 
-    def train_step(self, record: dict, loss: Tensor):
+    def train_step(self, record: dict, loss: Tensor, then: Callable[[float], None]):
         if self.file is None:
             return
         if loss.is_cuda:
@@ -625,15 +626,17 @@ class MetricsFile:
             event.record()
         else:
             host_loss, event = loss.detach(), None
-        self.pending.append((record, host_loss, event))
+        self.pending.append((record, host_loss, event, then))
         self.write_ready(wait=False)
 
     def write_ready(self, wait: bool):
         while self.pending and (wait or self.pending[0][2] is None or self.pending[0][2].query()):
-            record, host_loss, event = self.pending.popleft()
+            record, host_loss, event, then = self.pending.popleft()
             if event is not None:
                 event.synchronize()
-            self._write(dict(record, train_loss=host_loss.item()))
+            train_loss = host_loss.item()
+            self._write(dict(record, train_loss=train_loss))
+            then(train_loss)
 
     def validation(self, record: dict):
         if self.file is not None:
@@ -1097,7 +1100,7 @@ class Run:
             message = nonfinite_loss_message(step, "validation", self.checkpoints.last_path)
             self.log.line(f"stopped: {message}", durable=True)
             raise RunDiverged(message)
-        self.loss_watch.check(self.log, self.checkpoints.last_path)
+        self.check_losses()
         self.clock.start()
         return val_loss
 
@@ -1109,37 +1112,50 @@ class Run:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # queued on the device: no host sync
         self.loss_watch.record(loss, step)
         elapsed_ms = clock.read_ms()
-        self.metrics.train_step(dict(step=step, lr_factor=lr_factor, train_time_ms=elapsed_ms, tokens=tokens), loss)
-        self.log.line(f"step:{step}/{s.num_iterations} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms",
-                      console_note=progress_note(step, s.num_iterations, self.start_step, self.session_start_ms,
-                                                 elapsed_ms))
+        progress = progress_note(step, s.num_iterations, self.start_step, self.session_start_ms, elapsed_ms)
+
+        def step_line(train_loss: float):
+            self.log.line(f"step:{step}/{s.num_iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+                          f"step_avg:{elapsed_ms / step:.2f}ms", console_note=progress)
+
+        self.metrics.train_step(dict(step=step, lr_factor=lr_factor, train_time_ms=elapsed_ms, tokens=tokens), loss,
+                                then=step_line)
         if self.agreement.should_stop():
             clock.stop()
+            self.metrics.write_ready(wait=True)
             self.stopped_by = self.signals.received or "a signal to another rank"
             saving = s.checkpoint_every > 0 or s.save_checkpoint
             where = f"checkpoint {self.checkpoints.path_for(step)}; continue with --resume=auto" if saving \
                 else "no checkpoint (--checkpoint_every=0)"
             self.log.line(f"stopped by {self.stopped_by} after step {step}/{s.num_iterations}: {where}", durable=True)
             if saving:
-                self.loss_watch.check(self.log, self.checkpoints.last_path)  # only finite runs are checkpointed
+                self.check_losses()  # only finite runs are checkpointed
                 self.save_checkpoint(step, finished=False)
             return True
         if s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.num_iterations:
             clock.stop()  # the clock stops for checkpoints as for validation
-            self.loss_watch.check(self.log, self.checkpoints.last_path)
+            self.check_losses()
             self.save_checkpoint(step, finished=False)
             clock.start()
         elif step % LOSS_CHECK_EVERY == 0:
-            self.loss_watch.check(self.log, self.checkpoints.last_path)
+            self.check_losses()
         return False
 
+    def check_losses(self):
+        """The loss watch's check (a host sync), after the pending step lines it makes ready: a "stopped:" line
+        follows the step lines before it."""
+        self.metrics.write_ready(wait=True)
+        self.loss_watch.check(self.log, self.checkpoints.last_path)
+
     def save_checkpoint(self, step: int, finished: bool):
+        self.metrics.write_ready(wait=True)  # the log length the checkpoint records includes every step line
         self.checkpoints.save(step, finished, self.clock.total_ms, self.recipe_state(), self.log, self.metrics)
 
     def finish(self, weights: Callable[[], dict[str, Tensor]]) -> str | None:
         """Closes the run: the peak-memory line, the final checkpoint and safetensors export (when asked for)
         after a complete run. Returns None, or the name of the signal that stopped it early."""
         s = self.s
+        self.metrics.write_ready(wait=True)  # the last step lines come before the closing lines
         if self.stopped_by is None:
             self.log.line(peak_memory_line(self.runtime), durable=True)
             if s.checkpoint_every or s.save_checkpoint:

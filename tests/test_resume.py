@@ -112,6 +112,22 @@ def reference(data, tmp_path_factory):
     return log_dir, "whole"
 
 
+def test_step_lines_carry_the_metrics_train_loss_and_come_before_the_stop_line(data, tmp_path):
+    """Each step line's train_loss is the metrics file's (to 4 decimals), the records tool reads it, and
+    every step line is written before the stop line that follows it."""
+    assert train_in_process(run_args(data, tmp_path, "stopped"), stop_step=5) == "SIGTERM"
+    train_losses = {r["step"]: r["train_loss"] for r in metrics(tmp_path, "stopped") if "train_loss" in r}
+    log_path = tmp_path / "stopped.txt"
+    lines = log_path.read_text().splitlines()
+    logged = {int(m[1]): m[2] for line in lines if (m := re.fullmatch(r"step:(\d+)/6 train_loss:(\d+\.\d{4}) .*", line))}
+    assert list(logged) == [1, 2, 3, 4, 5]
+    assert logged == {step: f"{loss:.4f}" for step, loss in train_losses.items()}
+    assert lines[-1].startswith("stopped by SIGTERM after step 5/6: checkpoint ")
+    read = tool.read_log(log_path)
+    assert [(line.step, line.train_loss) for line in read.steps if line.val_loss is None] == \
+        [(step, float(loss)) for step, loss in logged.items()]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(data, reference, tmp_path, dtype):
     whole_dir, whole_id = reference

@@ -13,7 +13,8 @@ import harness as H
 import train_gpt as T
 from conftest import REPO, first_file, process_group, run_process, run_trainer, shard_paths, trainer_command
 
-STEP_LINE = re.compile(r"step:(\d+)/(\d+) (?:val_loss:(\d+\.\d{4}) )?train_time:(\d+)ms step_avg:(\d+\.\d{2})ms")
+STEP_LINE = re.compile(r"step:(\d+)/(\d+) (?:val_loss:(\d+\.\d{4})|train_loss:(\d+\.\d{4})) train_time:(\d+)ms "
+                       r"step_avg:(\d+\.\d{2})ms")
 
 
 @pytest.mark.slow
@@ -36,12 +37,12 @@ def test_tiny_run_writes_record_format_log_and_learns(tiny_run_logs):
     steps = [STEP_LINE.fullmatch(line) for line in lines[:-1]]
     for line, match in zip(lines, steps):
         assert match, f"not a step line: {line!r}"
-    train_steps = [int(m[1]) for m in steps if m[3] is None]
+    train_steps = [int(m[1]) for m in steps if m[4] is not None]
     val = {int(m[1]): float(m[3]) for m in steps if m[3] is not None}
     assert train_steps == list(range(1, total + 1))
     assert sorted(val) == list(range(0, total + 1, settings.val_every))
     assert all(int(m[2]) == total for m in steps)
-    times = [int(m[4]) for m in steps]
+    times = [int(m[5]) for m in steps]
     assert times == sorted(times), "train_time must not decrease"
 
     initial, final = val[0], val[total]
