@@ -14,6 +14,7 @@ Sampling is deterministic for a given --seed on a given device.
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,11 +108,14 @@ def generate(decoder: Decoder, prompt: list[int], max_new_tokens: int, temperatu
 def gpt2_tokenizer():
     import tiktoken
 
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+    where = f"not in TIKTOKEN_CACHE_DIR={cache}" if cache else "TIKTOKEN_CACHE_DIR is not set"
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as error:  # tiktoken reports a failed download with various requests/OS errors
-        raise SampleError(f"cannot load tiktoken's gpt2 tokenizer ({type(error).__name__}: {error}); it is "
-                          "downloaded once: run once with network, or set TIKTOKEN_CACHE_DIR to a cache") from None
+        raise SampleError(f"cannot load tiktoken's gpt2 tokenizer: {where} and the download failed; offline, set "
+                          f"TIKTOKEN_CACHE_DIR to a folder holding it (README, 'Test data'), or run once with "
+                          f"network ({type(error).__name__}: {error})") from None
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:

@@ -1,13 +1,16 @@
 """A newcomer's first hour: the test-data lookup says how to provide missing data, the first-contact path
 (own text -> shards -> tiny preset) is accepted by the trainer, and the README and run.sh point at it."""
+import dataclasses
 import os
+import subprocess
 import sys
 
 import pytest
 
 import benchmark as B
 import train_gpt as T
-from conftest import REPO, TEST_DATA_ENV, data_root, enwiki_dir, shard_paths, tiktoken_cache
+import harness as H
+from conftest import REPO, TEST_DATA_ENV, data_root, enwiki_dir, run_process, shard_paths, tiktoken_cache
 
 sys.path.insert(0, str(REPO / "data"))
 import fineweb  # noqa: E402
@@ -69,3 +72,24 @@ def test_readme_and_run_sh_give_a_first_contact_path_and_the_cpu_torch_wheel():
         assert "python data/cached_fineweb10B.py 1" in text and "python train_gpt.py --preset=tiny" in text
     assert "TIKTOKEN_CACHE_DIR" in readme[:readme.index("## Running it")]
     assert os.access(REPO / "run.sh", os.X_OK)
+
+
+def test_sample_and_hellaswag_without_a_tokenizer_cache_name_tiktoken_cache_dir(tmp_path):
+    """An empty TIKTOKEN_CACHE_DIR and no network (a proxy on a closed port): one line, exit status 2."""
+    settings = T.parse_settings(["--preset=tiny", "--compile=false"])
+    checkpoint = tmp_path / "model.pt"
+    H.write_checkpoint(checkpoint, dict(settings=dataclasses.asdict(settings),
+                                        model=T.build_model(settings, T.resolve_runtime(settings, 0, 1, 0)).state_dict()))
+    (tmp_path / "val.jsonl").write_text('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 0}\n')
+    (tmp_path / "empty_cache").mkdir()
+    offline = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "OMP_NUM_THREADS": "1",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    for command in (["sample.py", str(checkpoint), "--device=cpu"],
+                    ["evals/hellaswag.py", str(checkpoint), f"--file={tmp_path / 'val.jsonl'}", "--device=cpu"]):
+        result = run_process([sys.executable, *command], timeout=300, cwd=REPO, env=offline)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: cannot load tiktoken's gpt2 tokenizer")
+        assert f"not in TIKTOKEN_CACHE_DIR={tmp_path / 'empty_cache'}" in result.stderr
+    readme = (REPO / "README.md").read_text()
+    for heading in ("- **Sampling.**", "- **HellaSwag.**"):
+        assert "TIKTOKEN_CACHE_DIR" in readme[readme.index(heading):].split("\n- **")[0], heading
