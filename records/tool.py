@@ -3,7 +3,7 @@ records table of the top-level README.
 
     python records/tool.py summary LOG... [--notes]
     python records/tool.py significance LOG... | --losses 3.279 3.281 ... [--track small|medium|optimization]
-    python records/tool.py compare RUN RUN... [--losses 4.0 3.5 3.28] [--plot out.png] [--diff]
+    python records/tool.py compare RUN... [--losses 4.0 3.5 3.28] [--plot out.png] [--diff]
     python records/tool.py table [--check]
 
 LOG and RUN arguments are log files, folders of `*.txt` logs, or (quoted) glob patterns such as
@@ -525,13 +525,17 @@ def significance_test(losses: list[float], target: float, test: str = "t", level
 
 @dataclass(frozen=True)
 class RunSet:
-    """One or more logs of the same configuration, averaged into one validation curve."""
+    """One or more logs of the same configuration, averaged into one validation curve and, where every
+    log has train_loss on its step lines (and was read with its steps kept), one training curve."""
 
     label: str
     logs: tuple[TrainingLog, ...]
     val_steps: tuple[int, ...]
     val_losses: tuple[float, ...]
     val_times_ms: tuple[float, ...]
+    train_steps: tuple[int, ...]
+    train_losses: tuple[float, ...]
+    train_times_ms: tuple[float, ...]
 
     @property
     def incomplete(self) -> list[TrainingLog]:
@@ -548,22 +552,27 @@ class RunSet:
 
 
 def build_run_set(label: str, logs: list[TrainingLog]) -> RunSet:
-    """Average the val loss and training time of the logs at the val steps they all share."""
+    """Average the val loss and training time of the logs at the val steps they all share, and the train
+    loss and time at the train steps they all share."""
     for log in logs:
         if not log.val_steps:
             raise ValueError(f"{log.path}: no val_loss line (the run stopped before its first validation); "
                              f"a run needs at least one to be compared")
-    curves = [{line.step: line for line in log.val_steps} for log in logs]
-    shared_steps = sorted(set.intersection(*(set(curve) for curve in curves)))
-    if not shared_steps:
+    val_steps, val_losses, val_times_ms = _average_curves(
+        [{line.step: line for line in log.val_steps} for log in logs], "val_loss")
+    if not val_steps:
         raise ValueError(f"run {label!r}: its logs share no step with a val_loss; average only runs of one schedule")
-    return RunSet(
-        label=label,
-        logs=tuple(logs),
-        val_steps=tuple(shared_steps),
-        val_losses=tuple(float(np.mean([curve[step].val_loss for curve in curves])) for step in shared_steps),
-        val_times_ms=tuple(float(np.mean([curve[step].train_time_ms for curve in curves])) for step in shared_steps),
-    )
+    train_steps, train_losses, train_times_ms = _average_curves(
+        [{line.step: line for line in log.steps if line.train_loss is not None} for log in logs], "train_loss")
+    return RunSet(label, tuple(logs), val_steps, val_losses, val_times_ms, train_steps, train_losses, train_times_ms)
+
+
+def _average_curves(curves: list[dict[int, StepLine]], loss_field: str) -> tuple[tuple, tuple, tuple]:
+    """Steps all curves share, with the mean of `loss_field` and of the training time at each."""
+    shared_steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+    losses = tuple(float(np.mean([getattr(curve[step], loss_field) for curve in curves])) for step in shared_steps)
+    times_ms = tuple(float(np.mean([curve[step].train_time_ms for curve in curves])) for step in shared_steps)
+    return tuple(shared_steps), losses, times_ms
 
 
 def time_to_reach(times_ms: list[float], losses: list[float], target: float) -> float | None:
@@ -582,37 +591,60 @@ def time_to_reach(times_ms: list[float], losses: list[float], target: float) -> 
 
 
 def plot_runs(run_sets: list[RunSet], target: float = TRACKS["small"].target) -> "Figure":
-    """Val loss vs step and vs training time (log scale, whole run), and below them a zoomed panel of
-    val loss vs time from target - 0.05 to target + 0.3 with the target dashed and each run's
-    crossing time marked. An incomplete run is dashed and ends in an x."""
+    """Val loss vs step and vs training time (log scale, whole run), each run's train loss as a thin,
+    lighter line of its colour where its logs have one, and below them a zoomed panel of val loss vs
+    time from target - 0.05 to target + 0.3 with the target dashed and each run's crossing time marked.
+    The zoom is left out when no run's val loss gets within 0.3 of the target (it would be empty); the
+    figure's title then says so and the legend gives each run's final val loss. An incomplete run is
+    dashed and ends in an x."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter, MultipleLocator
 
-    figure = Figure(figsize=(13, 11), dpi=PLOT_DPI, layout="constrained")
+    zoom_top = target + ZOOM_ABOVE
+    with_zoom = any(loss <= zoom_top for run in run_sets for loss in run.val_losses)
+    if with_zoom:
+        figure = Figure(figsize=(13, 11), dpi=PLOT_DPI, layout="constrained")
+        panels = figure.subplot_mosaic([["step", "time"], ["zoom", "zoom"]], height_ratios=[1, 1.5])
+    else:
+        figure = Figure(figsize=(13, 5.5), dpi=PLOT_DPI, layout="constrained")
+        panels = figure.subplot_mosaic([["step", "time"]])
+        lowest = min((loss for run in run_sets for loss in run.val_losses if not math.isnan(loss)), default=math.nan)
+        figure.suptitle(f"no zoom on the target {target:g}: no run's val loss came within {ZOOM_ABOVE:g} of it "
+                        f"(lowest {lowest:.4f})")
     FigureCanvasAgg(figure)
-    panels = figure.subplot_mosaic([["step", "time"], ["zoom", "zoom"]], height_ratios=[1, 1.5])
-    by_step, by_time, zoom = panels["step"], panels["time"], panels["zoom"]
+    by_step, by_time, zoom = panels["step"], panels["time"], panels.get("zoom")
     for index, run in enumerate(run_sets):
         times_s = np.array(run.val_times_ms) / 1000
         complete = not run.incomplete
         style = dict(marker=".", linestyle="-" if complete else "--")
         label = run.label if complete else f"{run.label}, {run.status}"
-        color = by_step.plot(run.val_steps, run.val_losses, label=label, **style)[0].get_color()
+        # Without the zoom and its legend, the final val loss goes in the legend of the step panel.
+        step_label = label if with_zoom else f"{label}: final {run.val_losses[-1]:.4f}"
+        color = by_step.plot(run.val_steps, run.val_losses, label=step_label, **style)[0].get_color()
         by_time.plot(times_s, run.val_losses, label=label, color=color, **style)
-        crossing = time_to_reach(list(run.val_times_ms), list(run.val_losses), target)
-        reached = "not reached" if crossing is None else f"reached at {crossing / 1000:.2f} s"
-        # The zoom's legend carries the figures, so curves ending a few pixels apart stay legible.
-        zoom.plot(times_s, run.val_losses, color=color, label=f"{label}: final {run.val_losses[-1]:.4f}, "
-                                                                f"{target:g} {reached}", **style)
+        if run.train_losses:
+            # Behind the val line and faint: train loss is noisy and only the val loss counts for a record.
+            train_style = dict(color=color, linewidth=0.8, alpha=0.45, zorder=1.5, gid="train-loss")
+            by_step.plot(run.train_steps, run.train_losses, label=f"{run.label} train loss", **train_style)
+            by_time.plot(np.array(run.train_times_ms) / 1000, run.train_losses, **train_style)
+        ends = [(by_step, run.val_steps[-1]), (by_time, times_s[-1])]
+        if zoom is not None:
+            crossing = time_to_reach(list(run.val_times_ms), list(run.val_losses), target)
+            reached = "not reached" if crossing is None else f"reached at {crossing / 1000:.2f} s"
+            # The zoom's legend carries the figures, so curves ending a few pixels apart stay legible.
+            zoom.plot(times_s, run.val_losses, color=color, label=f"{label}: final {run.val_losses[-1]:.4f}, "
+                                                                    f"{target:g} {reached}", **style)
+            ends.append((zoom, times_s[-1]))
+            if crossing is not None:
+                zoom.axvline(crossing / 1000, color=color, linestyle=":", linewidth=1)
+                zoom.plot([crossing / 1000], [target], marker="o", markersize=7, color=color, gid="crossing")
+                zoom.annotate(f"{crossing / 1000:.2f} s", (crossing / 1000, target), xytext=(4, -14 - 12 * index),
+                              textcoords="offset points", color=color, fontsize=9)
         if not complete:
-            for axes, x in ((by_step, run.val_steps[-1]), (by_time, times_s[-1]), (zoom, times_s[-1])):
+            for axes, x in ends:
                 axes.plot([x], [run.val_losses[-1]], marker="x", markersize=10, color=color, gid="incomplete-end")
-        if crossing is not None:
-            zoom.axvline(crossing / 1000, color=color, linestyle=":", linewidth=1)
-            zoom.plot([crossing / 1000], [target], marker="o", markersize=7, color=color, gid="crossing")
-            zoom.annotate(f"{crossing / 1000:.2f} s", (crossing / 1000, target), xytext=(4, -14 - 12 * index),
-                          textcoords="offset points", color=color, fontsize=9)
+    curves = "val loss (train loss thin)" if any(run.train_losses for run in run_sets) else "val loss"
     for axes, x_label in ((by_step, "step"), (by_time, "training time (s)")):
         # Log scale keeps the final approach to the target readable next to the initial ~10.8.
         axes.set_yscale("log")
@@ -620,15 +652,17 @@ def plot_runs(run_sets: list[RunSet], target: float = TRACKS["small"].target) ->
         axes.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         axes.axhline(target, color="black", linestyle="--", linewidth=1)
         axes.set_xlabel(x_label)
-        axes.set_ylabel("val loss")
+        axes.set_ylabel("loss")
         axes.grid(True, which="both", alpha=0.3)
-    by_step.set_title("val loss vs step")
-    by_time.set_title("val loss vs training time")
+    by_step.set_title(f"{curves} vs step")
+    by_time.set_title(f"{curves} vs training time")
     by_step.legend()
+    if zoom is None:
+        return figure
 
     zoom.axhline(target, color="black", linestyle="--", linewidth=1.2, label=f"target {target:g}", gid="target")
-    zoom.set_ylim(target - ZOOM_BELOW, target + ZOOM_ABOVE)
-    zoom.set_xlim(*_zoom_time_range(run_sets, target + ZOOM_ABOVE))
+    zoom.set_ylim(target - ZOOM_BELOW, zoom_top)
+    zoom.set_xlim(*_zoom_time_range(run_sets, zoom_top))
     zoom.yaxis.set_major_locator(MultipleLocator(0.05))
     zoom.yaxis.set_minor_locator(MultipleLocator(0.01))
     zoom.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
@@ -636,7 +670,7 @@ def plot_runs(run_sets: list[RunSet], target: float = TRACKS["small"].target) ->
     zoom.grid(True, which="minor", alpha=0.15)
     zoom.set_xlabel("training time (s)")
     zoom.set_ylabel("val loss")
-    zoom.set_title(f"near the target: val loss {target - ZOOM_BELOW:g} to {target + ZOOM_ABOVE:g}, "
+    zoom.set_title(f"near the target: val loss {target - ZOOM_BELOW:g} to {zoom_top:g}, "
                    f"dotted lines and dots where each run reaches {target:g}")
     zoom.legend(loc="upper right")
     return figure
@@ -645,7 +679,7 @@ def plot_runs(run_sets: list[RunSet], target: float = TRACKS["small"].target) ->
 def _zoom_time_range(run_sets: list[RunSet], top: float) -> tuple[float, float]:
     """Seconds from when the first run comes below `top` to the end of the longest run, padded a little."""
     entries = [time_to_reach(list(run.val_times_ms), list(run.val_losses), top) for run in run_sets]
-    start = min((entry for entry in entries if entry is not None), default=0.0) / 1000
+    start = min(entry for entry in entries if entry is not None) / 1000  # plot_runs zooms only then
     end = max(run.val_times_ms[-1] for run in run_sets) / 1000
     pad = 0.04 * max(end - start, 1e-9)
     return start - pad, end + pad
@@ -779,15 +813,14 @@ def command_significance(args: argparse.Namespace) -> int:
 
 
 def command_compare(args: argparse.Namespace) -> int:
-    if len(args.runs) < 2:
-        raise ValueError("compare needs at least two runs (log files, folders or globs)")
     if args.diff and len(args.runs) != 2:
         raise ValueError(f"--diff compares the source code of exactly two runs, got {len(args.runs)}")
     report = ErrorReport()
     run_sets = []
     for label, argument in zip(run_labels(args.runs), args.runs):
         logs = []
-        for log in iter_logs([argument], report, keep_source=args.diff):
+        # The train lines are kept only for the plot: they are most of a log.
+        for log in iter_logs([argument], report, keep_source=args.diff, keep_steps=bool(args.plot)):
             if log.val_steps:
                 logs.append(log)
             else:
@@ -800,8 +833,10 @@ def command_compare(args: argparse.Namespace) -> int:
             run_sets.append(build_run_set(label, logs))
         except ValueError as error:  # logs of different schedules in one run set
             report(f"{error}; run {label!r} is left out")
-    if len(run_sets) < 2:
-        raise ValueError(f"compare needs at least two runs with usable logs, {len(run_sets)} left")
+    if not run_sets:
+        raise ValueError("compare needs at least one run with usable logs, none left")
+    if args.diff and len(run_sets) != 2:
+        raise ValueError(f"--diff compares the source code of exactly two runs, {len(run_sets)} left with usable logs")
     labels = [run.label for run in run_sets]
     losses = args.losses if args.losses else [args.target if args.target is not None else TRACKS[args.track].target]
 
@@ -1034,14 +1069,16 @@ def build_parser() -> argparse.ArgumentParser:
     significance.set_defaults(run=command_significance)
 
     compare = commands.add_parser(
-        "compare", help="val curves, time to reach losses, plot (with a zoom on the target) and source diff of runs")
+        "compare", help="val curves, time to reach losses, plot (with a zoom on the target) and source diff of runs; "
+                        "one run is enough except for --diff")
     compare.add_argument("runs", nargs="+", metavar="RUN", help=f"{log_help}; the logs of one RUN are averaged")
     compare.add_argument("--losses", nargs="+", type=float, metavar="LOSS",
                          help="val losses to report the time to reach (default: the track's target, 3.28); "
                               "the plot zooms on the lowest")
     add_target_options(compare)
     compare.add_argument("--plot", metavar="PNG",
-                         help="write val loss vs step and vs time, and a zoom around the target, to this PNG")
+                         help="write val loss (and train loss where logged) vs step and vs time, and a zoom "
+                              "around the target when a run comes within 0.3 of it, to this PNG")
     compare.add_argument("--diff", action="store_true", help="unified diff of the embedded source of the two runs")
     compare.set_defaults(run=command_compare)
 

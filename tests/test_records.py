@@ -356,10 +356,33 @@ def test_compare_reports_common_steps_and_time_to_loss(tmp_path, capsys):
     assert "not reached" in output.split("## Time to reach val loss")[1]  # slow ends at 3.30 > 3.28
 
 
-def test_compare_needs_two_runs(tmp_path, capsys):
-    path = write_run(tmp_path / "one.txt", 0, 3.5)
-    assert tool.main(["compare", str(path)]) == 2
-    assert "at least two runs" in capsys.readouterr().err
+def test_compare_reports_and_plots_a_single_run(tmp_path, capsys):
+    path = write_run(tmp_path / "one.txt", 0, 3.25)
+    plot = tmp_path / "one.png"
+    assert tool.main(["compare", str(path), "--plot", str(plot)]) == 0
+    output = capsys.readouterr().out
+    assert plot.read_bytes().startswith(PNG_SIGNATURE)
+    assert "| one |    1 | 2 x cpu |" in output and "## Time to reach val loss" in output
+    figure = tool.plot_runs([tool.build_run_set("one", [tool.read_log(path)])])
+    panels = figure.get_axes()
+    assert [panel.get_xlabel() for panel in panels] == ["step", "training time (s)", "training time (s)"]
+    for panel in panels:
+        assert [line.get_label().split(":")[0] for line in panel.get_lines() if line.get_label().startswith("one")] \
+            == ["one"]
+
+
+def test_compare_diff_needs_exactly_two_runs(tmp_path, capsys):
+    first, second = write_run(tmp_path / "a.txt", 0, 3.5), write_run(tmp_path / "b.txt", 1, 3.5)
+    assert tool.main(["compare", str(first), "--diff"]) == 2
+    assert capsys.readouterr().err == "error: --diff compares the source code of exactly two runs, got 1\n"
+    no_val = write_lines(tmp_path / "noval.txt", log_lines(make_steps(20, 5, 3.5, np.random.default_rng(0))[1:3],
+                                                             20, our_environment({}))[:-1])
+    assert tool.main(["compare", str(first), str(no_val), "--diff"]) == 2
+    error_lines = capsys.readouterr().err.splitlines()
+    assert error_lines[-1] == "error: --diff compares the source code of exactly two runs, 1 left with usable logs"
+    assert tool.main(["compare", str(no_val)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: compare needs at least one run with usable logs, none left"
+    assert tool.main(["compare", str(first), str(second), "--diff"]) == 0
 
 
 @pytest.mark.parametrize("run_count", [2, 3])
@@ -861,6 +884,72 @@ def test_compare_draws_incomplete_runs_and_names_logs_without_val(tmp_path, caps
         dashed = [line for line in panel.get_lines() if line.get_label().startswith("partial, incomplete")]
         assert len(dashed) == 1 and dashed[0].get_linestyle() == "--"
         assert [line.get_gid() for line in panel.get_lines()].count("incomplete-end") == 1
+
+
+def lines_with_data_in_view(panel):
+    """The lines of the panel with at least one finite point inside its view limits."""
+    (left, right), (bottom, top) = panel.get_xlim(), panel.get_ylim()
+    inside = []
+    for line in panel.get_lines():
+        x, y = np.asarray(line.get_xdata(), dtype=float), np.asarray(line.get_ydata(), dtype=float)
+        if np.any((left <= x) & (x <= right) & (bottom <= y) & (y <= top)):
+            inside.append(line)
+    return inside
+
+
+@pytest.mark.parametrize("final_losses, panel_count", [((7.55, 7.51), 2), ((3.278, 3.282), 3), ((7.5, 3.3), 3)])
+def test_plot_has_no_empty_panel(tmp_path, final_losses, panel_count):
+    """Tiny CPU runs end far above 3.28: a zoom on the target would show nothing, so it is left out."""
+    runs = [zoom_run(tmp_path, f"run{index}", loss) for index, loss in enumerate(final_losses)]
+    figure = tool.plot_runs(runs, target=3.28)
+    figure.canvas.draw()
+    assert len(figure.get_axes()) == panel_count
+    for panel in figure.get_axes():
+        assert any(line.get_gid() is None for line in lines_with_data_in_view(panel)), panel.get_title()
+    if panel_count == 2:
+        assert figure.get_suptitle() == ("no zoom on the target 3.28: no run's val loss came within 0.3 of it "
+                                         f"(lowest {min(final_losses):.4f})")
+        legend = [text.get_text() for text in figure.get_axes()[0].get_legend().get_texts()]
+        assert legend == [f"run{index}: final {loss:.4f}" for index, loss in enumerate(final_losses)]
+
+
+def train_loss_run(tmp_path, name, seed, train_loss):
+    steps = make_steps(40, 10, 3.3, np.random.default_rng(seed), train_loss=train_loss)
+    return write_lines(tmp_path / f"{name}.txt", log_lines(steps, 40, our_environment({})))
+
+
+def test_plot_draws_train_loss_where_logged(tmp_path, capsys, monkeypatch):
+    logs = [tool.read_log(train_loss_run(tmp_path, f"seed{seed}", seed, True)) for seed in (0, 1)]
+    averaged = tool.build_run_set("logged", logs)
+    train_lines = [[line for line in log.steps if line.train_loss is not None] for log in logs]
+    assert averaged.train_steps == tuple(range(1, 41))
+    assert averaged.train_losses == pytest.approx([(first.train_loss + second.train_loss) / 2
+                                                   for first, second in zip(*train_lines)])
+    assert averaged.train_times_ms == pytest.approx([(first.train_time_ms + second.train_time_ms) / 2
+                                                     for first, second in zip(*train_lines)])
+    unlogged = tool.build_run_set("unlogged", [tool.read_log(train_loss_run(tmp_path, "plain", 2, False))])
+    assert unlogged.train_steps == unlogged.train_losses == unlogged.train_times_ms == ()
+
+    figure = tool.plot_runs([averaged, unlogged])
+    by_step, by_time, zoom = figure.get_axes()
+    for panel, x_data in ((by_step, averaged.train_steps), (by_time, np.array(averaged.train_times_ms) / 1000)):
+        train = [line for line in panel.get_lines() if line.get_gid() == "train-loss"]
+        assert len(train) == 1  # the run without train_loss has none
+        val = next(line for line in panel.get_lines() if line.get_label().startswith("logged"))
+        assert train[0].get_color() == val.get_color() and train[0].get_linewidth() < val.get_linewidth()
+        assert train[0].get_alpha() < 1 and train[0].get_zorder() < val.get_zorder()
+        assert list(train[0].get_xdata()) == pytest.approx(list(x_data))
+        assert list(train[0].get_ydata()) == pytest.approx(list(averaged.train_losses))
+    assert not [line for line in zoom.get_lines() if line.get_gid() == "train-loss"]
+    assert "logged train loss" in [text.get_text() for text in by_step.get_legend().get_texts()]
+    assert by_step.get_title() == "val loss (train loss thin) vs step"
+    assert tool.plot_runs([unlogged]).get_axes()[0].get_title() == "val loss vs step"
+
+    # compare keeps the train lines for its plot.
+    plotted = []
+    monkeypatch.setattr(tool, "plot_runs", lambda run_sets, target: plotted.append(run_sets) or figure)
+    assert tool.main(["compare", str(logs[0].path), "--plot", str(tmp_path / "train.png")]) == 0
+    assert plotted[0][0].train_steps == tuple(range(1, 41))
 
 
 def test_table_title_only_from_the_top_heading(tmp_path):
