@@ -17,6 +17,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import glob
 import hashlib
 import io
@@ -25,6 +26,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,13 +162,16 @@ def parse_settings(settings_type: type, presets: dict[str, dict], argv: list[str
     SettingsError for combinations the recipe cannot run (after check_ranges)."""
     fields = {f.name: f for f in dataclasses.fields(settings_type)}
     types = {f.name: type(f.default) for f in fields.values()}
-    overrides = {}
+    overrides, given = {}, {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise SettingsError(f"bad argument {arg!r}: settings are given as --name=value (see --help)")
         name, text = arg[2:].split("=", 1)
         if name not in fields:
             raise SettingsError(f"unknown setting --{name} (see --help for the list)")
+        if name in given:  # last-wins would silently drop one of two values the user typed
+            raise SettingsError(f"--{name} is given twice (--{name}={given[name]} and --{name}={text}); give it once")
+        given[name] = text
         overrides[name] = parse_value(name, types[name], text)
     preset = overrides.get("preset", "")
     if preset and preset not in presets:
@@ -318,21 +323,122 @@ def check_log_dir(s):
                 folder.rmdir()
 
 
-def check_log_dir_on_rank0(s, runtime):
-    """Rank 0 checks the folder it will log to; all ranks stop together if it fails."""
-    problem = None
+def on_rank0_for_all(runtime, check: Callable, elsewhere: str):
+    """Runs check() on rank 0; if it raises SettingsError every rank stops: rank 0 with its error (which it
+    prints), the others with SettingsError(elsewhere). Returns check()'s result on rank 0, else None."""
+    problem = result = None
     if runtime.is_main:
         try:
-            check_log_dir(s)
+            result = check()
         except SettingsError as error:
             problem = error
     if runtime.world_size > 1:
         failed = torch.tensor(int(problem is not None), device=runtime.device)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item() and problem is None:
-            problem = SettingsError("rank 0 cannot write its log folder")  # rank 0 prints the reason
+            problem = SettingsError(elsewhere)
     if problem is not None:
         raise problem
+    return result
+
+
+def check_log_dir_on_rank0(s, runtime):
+    """Rank 0 checks the folder it will log to; all ranks stop together if it fails."""
+    on_rank0_for_all(runtime, lambda: check_log_dir(s), "rank 0 cannot write its log folder")
+
+
+class DiskFull(SettingsError):
+    """A write during the run found no space (or no quota) left. Run adds the last good checkpoint and
+    whether the log took the stop line; str() is the one line for the console."""
+
+    def __init__(self, path: Path, needed: int):
+        super().__init__(str(path))
+        self.path, self.needed = path, needed
+        try:
+            self.free = shutil.disk_usage(path.parent).free
+        except OSError:
+            self.free = 0
+        self.last_checkpoint: Path | None = None
+        self.logged: bool | None = None  # None: not tried yet
+
+    def __str__(self) -> str:
+        kept = f"the last good checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint is not None \
+            else "no checkpoint was saved before"
+        unlogged = "; the log lacks this line (no space for it either)" if self.logged is False else ""
+        return (f"the disk of {self.path.parent} is full: writing {self.path.name} needs {self.needed:,} bytes but "
+                f"{self.free:,} are free; {kept}; free space or choose another --log_dir, then continue with "
+                f"--resume=auto{unlogged}")
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: Path, needed: int):
+    """Turns a write's ENOSPC or EDQUOT into DiskFull(path, needed)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(path, needed) from None
+        raise
+
+
+class RunFolderLock:
+    """<log_dir>/<run_id>.lock, flock-ed by rank 0 for the whole run, so one process at a time writes a
+    run's log, metrics and checkpoints. The OS drops the lock when the process ends, however it ends: a
+    lock file that a killed run left behind is free and is taken over."""
+
+    def __init__(self, log_dir: Path, run_id: str):
+        self.path = log_dir / f"{run_id}.lock"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "(starting up)"
+                os.close(fd)
+                raise SettingsError(f"--log_dir={log_dir} --run_id={run_id}: the run folder is in use by process "
+                                    f"{holder} (lock {self.path}); wait for that run to end or stop it, or choose "
+                                    "another --run_id") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)  # a finishing holder removed the file after we opened it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd: int | None = fd
+
+    def release(self):
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: nobody locks a file that is about to go
+            os.close(self.fd)
+            self.fd = None
+
+
+LOG_DIR_PROBE = re.compile(r"\.write_check_(\d+)\.tmp")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphans(log_dir: Path, run_id: str) -> list[Path]:
+    """Deletes what a killed run left half-written: run_id's temporary checkpoint, export and log header
+    files, and log-folder probes of processes that no longer run. Call it holding the run's lock."""
+    orphans = [log_dir / f"{run_id}.txt{TEMPORARY_SUFFIX}", *sorted((log_dir / run_id).glob(f"*{TEMPORARY_SUFFIX}")),
+               *(path for path in log_dir.glob(".write_check_*.tmp")
+                 if (match := LOG_DIR_PROBE.fullmatch(path.name)) and not process_alive(int(match[1])))]
+    removed = []
+    for path in orphans:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -550,6 +656,22 @@ def settings_dict(s) -> dict:
     return {f.name: getattr(s, f.name) for f in recipe_fields_first(type(s))}
 
 
+def append_durably(file, path: Path, data: bytes, durable: bool):
+    """Appends data to an unbuffered file (fsynced when durable). On a full disk the file is cut back to
+    where it was, so it never ends in half a line, and DiskFull is raised."""
+    start = file.tell()
+    try:
+        with disk_full_as_error(path, len(data)):
+            written = 0
+            while written < len(data):  # a short write means the disk filled up: the next write raises
+                written += file.write(data[written:])
+            if durable:
+                os.fsync(file.fileno())
+    except DiskFull:
+        file.truncate(start)
+        raise
+
+
 class RunLog:
     """Rank 0's log file in the record format. The header is written atomically; each line is then
     appended and flushed, and fsynced at validation lines and at the end, so a crash loses nothing
@@ -571,7 +693,7 @@ class RunLog:
                     os.fsync(f.fileno())
             else:
                 write_file_atomically(path, [header.encode()])
-            self.file = open(path, "a")
+            self.file = open(path, "ab", buffering=0)
         except OSError as error:
             raise SettingsError(log_dir_problem(path.parent, error)) from None
 
@@ -579,21 +701,20 @@ class RunLog:
         if self.path is None:
             return
         print(text + console_note, flush=True)
-        self.file.write(text + "\n")
-        self.file.flush()
-        if durable:
-            os.fsync(self.file.fileno())
+        append_durably(self.file, self.path, (text + "\n").encode(), durable)
 
     def bytes_written(self) -> int:
         """The log's length, made durable first (a checkpoint records it)."""
         if self.file is None:
             return 0
-        os.fsync(self.file.fileno())
+        with disk_full_as_error(self.path, 0):
+            os.fsync(self.file.fileno())
         return self.file.tell()
 
     def close(self):
         if self.file is not None:
-            os.fsync(self.file.fileno())
+            with disk_full_as_error(self.path, 0):
+                os.fsync(self.file.fileno())
             self.file.close()
 
 
@@ -610,11 +731,12 @@ class MetricsFile:
         self.file, self.pending = None, collections.deque()  # pending: (record, host loss, event or None, then)
         if path is None:
             return
+        self.path = path
         if resume_bytes is not None and path.exists() and path.stat().st_size >= resume_bytes:
             os.truncate(path, resume_bytes)
-            self.file = open(path, "a")
+            self.file = open(path, "ab", buffering=0)
         else:
-            self.file = open(path, "w")
+            self.file = open(path, "wb", buffering=0)
 
     def train_step(self, record: dict, loss: Tensor, then: Callable[[float], None]):
         if self.file is None:
@@ -644,21 +766,22 @@ class MetricsFile:
             self._write(record)
 
     def _write(self, record: dict):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        append_durably(self.file, self.path, (json.dumps(record) + "\n").encode(), durable=False)
 
     def bytes_written(self) -> int:
         """The file's length with every pending line written, made durable first."""
         if self.file is None:
             return 0
         self.write_ready(wait=True)
-        os.fsync(self.file.fileno())
+        with disk_full_as_error(self.path, 0):
+            os.fsync(self.file.fileno())
         return self.file.tell()
 
     def close(self):
         if self.file is not None:
             self.write_ready(wait=True)
-            os.fsync(self.file.fileno())
+            with disk_full_as_error(self.path, 0):
+                os.fsync(self.file.fileno())
             self.file.close()
 
 
@@ -754,6 +877,9 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is not None:
             print(f"{name} again: exiting at once, without a checkpoint", file=sys.stderr, flush=True)
+            for temporary in list(temporaries_being_written):
+                with contextlib.suppress(OSError):
+                    temporary.unlink()
             os._exit(128 + signum)
         self.received = name
         if not self.training:
@@ -844,16 +970,31 @@ class CheckpointError(DataError):
     """A checkpoint that is not one, is truncated or corrupt, or cannot continue this run."""
 
 
+TEMPORARY_SUFFIX = ".tmp"
+temporaries_being_written: set[Path] = set()  # a second stop signal removes them before exiting at once
+
+
 def write_file_atomically(path: Path, chunks):
     """Writes a temporary file, fsyncs it, renames it over path and fsyncs the folder: a crash leaves
-    either the old file or the complete new one."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    either the old file or the complete new one (and at worst a <name>.tmp, which remove_orphans
+    deletes). Any failure removes the temporary file; a full disk raises DiskFull."""
+    chunks = list(chunks)
+    temporary = path.with_name(path.name + TEMPORARY_SUFFIX)
+    temporaries_being_written.add(temporary)
+    try:
+        with disk_full_as_error(path, sum(len(memoryview(chunk).cast("B")) for chunk in chunks)):
+            with open(temporary, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        temporaries_being_written.discard(temporary)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -919,7 +1060,10 @@ def find_resume_checkpoint(s, folder: Path, console: Console) -> tuple[Path, dic
     candidates = checkpoint_paths(folder)
     for path in reversed(candidates):
         try:
-            return path, read_checkpoint(path)
+            checkpoint = read_checkpoint(path)
+            console.say(f"--resume=auto: continuing from {path} (step {checkpoint['step']}), the newest complete "
+                        "checkpoint")
+            return path, checkpoint
         except CheckpointError as error:
             console.say(f"--resume=auto: skipping {error}; falling back to the previous checkpoint")
     if candidates:
@@ -1009,10 +1153,31 @@ class Run:
         self.console = Console(runtime.is_main)
         self.run_id, self.checkpoint_path, self.checkpoint = s.run_id, None, None
         self.start_step, self.validated = 0, False
+        self.lock, self.log, self.checkpoints = None, None, None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        """Whatever ends the run: a full disk gets its stop line in the log (when that still fits), and the
+        run folder's lock is released."""
+        if isinstance(error, DiskFull):
+            error.last_checkpoint = self.last_checkpoint
+            error.logged = False  # also when the log header itself did not fit
+            if self.log is not None and self.log.file is not None:
+                with contextlib.suppress(DiskFull):
+                    self.log.line(f"stopped: {error}", durable=True)
+                    error.logged = True
+        self.release_lock()
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self.checkpoints.last_path if self.checkpoints is not None else self.checkpoint_path
 
     def find_checkpoint(self) -> dict | None:
         """With --resume, the checkpoint to continue from (checked against the settings), else None. Fixes
-        the run id: the setting, the checkpoint's, or a new UUID."""
+        the run id (the setting, the checkpoint's, or a new UUID), then rank 0 locks the run folder and
+        removes what a killed run left half-written."""
         s = self.s
         if s.resume:
             found = find_resume_checkpoint(s, Path(s.log_dir) / s.run_id, self.console)
@@ -1021,7 +1186,18 @@ class Run:
                 self.checkpoint_path, self.checkpoint = found
                 self.run_id = self.run_id or self.checkpoint["run_id"]
         self.run_id = self.run_id or str(uuid.uuid4())
+        self.lock = on_rank0_for_all(self.runtime, lambda: RunFolderLock(Path(s.log_dir), self.run_id),
+                                     "rank 0 found the run folder in use by another process")
+        if self.runtime.is_main:
+            removed = remove_orphans(Path(s.log_dir), self.run_id)
+            if removed:
+                self.console.say(f"removed {len(removed)} half-written file(s) left by a run that was killed: "
+                                 f"{', '.join(map(str, removed))}")
         return self.checkpoint
+
+    def release_lock(self):
+        if self.lock is not None:
+            self.lock.release()
 
     def open_log(self, environment: str, layout: str):
         """The log (header: both sources and the environment) and the metrics file; on resume both are cut
@@ -1165,6 +1341,7 @@ class Run:
         self.agreement.close()
         self.metrics.close()
         self.log.close()
+        self.release_lock()
         if self.runtime.world_size > 1:
             dist.barrier()  # ranks leave together: gloo can abort a rank that tears down while others work
         return self.stopped_by

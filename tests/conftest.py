@@ -44,6 +44,12 @@ shard_paths = skip_if_missing(testdata.shard_paths)
 # machine's time: room for a heavily loaded machine, but a stuck run ends.
 
 
+def with_settings(args: list[str], *extra: str) -> list[str]:
+    """args with each --name=value of extra replacing the same setting (the trainer refuses one given twice)."""
+    replaced = {arg.split("=", 1)[0] for arg in extra}
+    return [arg for arg in args if arg.split("=", 1)[0] not in replaced] + list(extra)
+
+
 def random_tiny_model_fp64():
     """The tiny preset in float64, eager, with every weight random (the zero-initialised ones too), so that
     each path of the model shows in its logits. Returns (model in eval mode, settings)."""

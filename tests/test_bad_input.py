@@ -19,7 +19,7 @@ import pytest
 
 import harness as H
 import train_gpt as T
-from conftest import REPO, descendants, live_processes, process_group, run_process, trainer_command
+from conftest import REPO, descendants, live_processes, process_group, run_process, trainer_command, with_settings
 
 sys.path.insert(0, str(REPO / "data"))
 import shards  # noqa: E402
@@ -77,7 +77,7 @@ def test_every_number_setting_has_its_valid_range_next_to_its_definition():
                                      "--head_lr=-1", "--embed_lr=-1", "--scalar_lr=-1", "--cooldown_frac=1.5",
                                      "--vocab_size=70000", "--logit_cap=0", "--seed=-1", "--val_every=-1"])
 def test_out_of_range_settings_are_rejected(data_dir, capsys, setting):
-    code, err = run_main(capsys, fast_args(data_dir) + [setting])
+    code, err = run_main(capsys, with_settings(fast_args(data_dir), setting))
     name = setting.split("=")[0]
     assert_one_line(code, err, 2, f"{name}=", "must be in ")
     assert not (data_dir / "logs").exists()
@@ -86,7 +86,7 @@ def test_out_of_range_settings_are_rejected(data_dir, capsys, setting):
 @pytest.mark.parametrize("setting", ["--muon_lr=nan", "--embed_lr=inf", "--head_lr=-inf", "--adam_beta1=nan",
                                      "--adam_eps=nan", "--muon_momentum=NaN", "--attn_scale=inf"])
 def test_non_finite_settings_are_rejected(data_dir, capsys, setting):
-    code, err = run_main(capsys, fast_args(data_dir) + [setting])
+    code, err = run_main(capsys, with_settings(fast_args(data_dir), setting))
     assert_one_line(code, err, 2, setting.split("=")[0] + "=", "must be a finite number")
 
 
@@ -121,7 +121,7 @@ def test_default_recipe_on_cpu_stops_in_seconds_with_the_tiny_command(tmp_path, 
 
 
 def test_settings_too_big_for_the_machine_name_the_setting(data_dir, capsys):
-    code, err = run_main(capsys, fast_args(data_dir) + ["--val_seq_len=1048576", "--val_tokens=1048576"])
+    code, err = run_main(capsys, with_settings(fast_args(data_dir), "--val_seq_len=1048576", "--val_tokens=1048576"))
     assert_one_line(code, err, 2, "dense attention masks (evaluation)", "lower --val_seq_len")
 
 
@@ -233,12 +233,12 @@ def test_a_folder_as_train_files(data_dir, capsys):
 
 def test_log_dir_that_is_a_file(data_dir, capsys):
     (data_dir / "a_file").write_text("x")
-    code, err = run_main(capsys, fast_args(data_dir) + [f"--log_dir={data_dir / 'a_file'}"])
+    code, err = run_main(capsys, with_settings(fast_args(data_dir), f"--log_dir={data_dir / 'a_file'}"))
     assert_one_line(code, err, 2, f"--log_dir={data_dir / 'a_file'}", "is a file, not a folder")
 
 
 def test_log_dir_that_cannot_be_created(data_dir, capsys):
-    code, err = run_main(capsys, fast_args(data_dir) + ["--log_dir=/proc/x"])
+    code, err = run_main(capsys, with_settings(fast_args(data_dir), "--log_dir=/proc/x"))
     assert_one_line(code, err, 2, "--log_dir=/proc/x", "cannot be written")
 
 
@@ -316,7 +316,7 @@ def test_nvidia_smi_that_cannot_be_executed_is_reported_unavailable(tmp_path, mo
 
 @pytest.mark.parametrize("case", ["setting", "token"])
 def test_run_sh_shows_the_trainers_one_line_before_torchrun(data_dir, capsys, case):
-    args = fast_args(data_dir) + ["--train_batch_tokens=1024"]  # 2 sequences a step: 2 ranks can split it
+    args = with_settings(fast_args(data_dir), "--train_batch_tokens=1024")  # 2 sequences a step: 2 ranks can split it
     if case == "setting":
         args.append("--muon_lr=nan")
     else:  # an out-of-range token in the second training shard: a run would meet it only mid-run
@@ -338,7 +338,7 @@ def test_run_sh_shows_the_trainers_one_line_before_torchrun(data_dir, capsys, ca
 def test_an_interrupted_two_rank_run_leaves_no_process_behind(data_dir):
     """torchrun puts each worker in a session of its own: killing the launcher's group would leave
     them running. The fixture helper must kill the whole tree when the test is interrupted."""
-    args = fast_args(data_dir) + ["--num_iterations=100000", "--train_batch_tokens=1024"]
+    args = with_settings(fast_args(data_dir), "--num_iterations=100000", "--train_batch_tokens=1024")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with pytest.raises(KeyboardInterrupt):
         with process_group(trainer_command(args, nproc=2), cwd=REPO, env=env, stdout=subprocess.DEVNULL,

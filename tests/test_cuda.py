@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train_gpt as T
+from conftest import with_settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -14,7 +15,7 @@ SHORT = ["--train_seq_len=4096", "--val_seq_len=4096", "--train_batch_tokens=409
 
 
 def cuda_model(backend: str, extra=()):
-    settings = T.parse_settings(SHORT + list(extra))
+    settings = T.parse_settings(with_settings(SHORT, *extra))
     runtime = T.Runtime(rank=0, world_size=1, device=torch.device("cuda"), attention_backend=backend,
                         grad_accum_steps=1)
     model = T.build_model(settings, runtime)

@@ -14,7 +14,7 @@ import torch
 
 import harness as H
 import train_gpt as T
-from conftest import REPO, process_group, run_process, script_command, trainer_command
+from conftest import REPO, process_group, run_process, script_command, trainer_command, with_settings
 from records import tool
 
 WORKER = REPO / "tests" / "distributed_worker.py"
@@ -41,11 +41,11 @@ def data(tmp_path_factory):
 
 
 def run_args(data, log_dir, run_id, *extra):
-    return ["--preset=tiny", f"--vocab_size={VOCAB}", "--compile=false", "--warmup_steps=0",
+    return with_settings(["--preset=tiny", f"--vocab_size={VOCAB}", "--compile=false", "--warmup_steps=0",
             f"--num_iterations={STEPS}", "--val_every=3", "--train_batch_tokens=1024", "--val_seq_len=512",
             "--val_tokens=1024", "--muon_momentum_warmup_steps=3", f"--train_files={data}/syn_train_*.bin",
             f"--val_files={data}/syn_val_*.bin", f"--log_dir={log_dir}", f"--run_id={run_id}",
-            "--checkpoint_every=2", "--checkpoint_keep=3", *extra]
+            "--checkpoint_every=2", "--checkpoint_keep=3"], *extra)
 
 
 @contextlib.contextmanager

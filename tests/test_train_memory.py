@@ -9,7 +9,7 @@ import torch
 
 import harness as H
 import train_gpt as T
-from conftest import REPO, shard_paths
+from conftest import REPO, shard_paths, with_settings
 from test_train_distributed import launch
 
 # The record's 12-block layout at a width small enough to build and run quickly: 256 tokens, 1024 logits.
@@ -36,7 +36,7 @@ def random_batches(seed: int):
 
 def train_and_record(savers: T.MemorySavers, compiled: bool, args=()):
     """STEPS optimizer steps of 2 micro-batches; returns the micro-batch losses and each step's gradients."""
-    settings = T.parse_settings(SHAPE + list(args))
+    settings = T.parse_settings(with_settings(SHAPE, *args))
     runtime = T.Runtime(0, 1, torch.device("cpu"), "sdpa", grad_accum_steps=2, savers=savers)
     model = T.build_model(settings, runtime)
     with torch.no_grad():  # zero-initialised projections and head would leave most gradients zero
@@ -118,7 +118,7 @@ def test_two_ranks_with_savers_train_like_one_rank(tmp_path):
 
 
 def head_model(args, chunk: int):
-    settings = T.parse_settings(SHAPE + list(args))
+    settings = T.parse_settings(with_settings(SHAPE, *args))
     torch.manual_seed(0)
     model = T.GPT(settings, "sdpa", T.MemorySavers(loss_chunk_tokens=chunk))
     with torch.no_grad():
@@ -251,7 +251,7 @@ def test_memory_auto_keeps_explicit_settings_and_says_when_nothing_fits():
     assert savers == T.MemorySavers(3, 0) and notice.startswith("memory savers as set")
     savers, notice = H.choose_memory_savers(T.Settings(), 1, 8 * 10**9, table)
     assert savers == T.MemorySavers(12, 8192) and "does NOT fit" in notice
-    savers, notice = H.choose_memory_savers(T.parse_settings(["--train_seq_len=1024"]), 1, 8 * 10**9, table)
+    savers, notice = H.choose_memory_savers(T.parse_settings(["--train_seq_len=2048"]), 1, 8 * 10**9, table)
     assert savers == T.MemorySavers(0, 0) and "train_seq_len" in notice
     savers, notice = H.choose_memory_savers(T.parse_settings(["--memory=off"]), 1, 8 * 10**9, table)
     assert savers == T.MemorySavers(0, 0) and "--memory=off" in notice

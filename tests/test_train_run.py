@@ -11,7 +11,7 @@ import pytest
 
 import harness as H
 import train_gpt as T
-from conftest import REPO, first_file, process_group, run_process, run_trainer, shard_paths, trainer_command
+from conftest import REPO, first_file, process_group, run_process, run_trainer, shard_paths, trainer_command, with_settings
 
 STEP_LINE = re.compile(r"step:(\d+)/(\d+) (?:val_loss:(\d+\.\d{4})|train_loss:(\d+\.\d{4})) train_time:(\d+)ms "
                        r"step_avg:(\d+\.\d{2})ms")
@@ -134,7 +134,7 @@ BAD_SETTING_CASES = [
 
 @pytest.mark.parametrize("extra,message", BAD_SETTING_CASES)
 def test_bad_settings_and_environment_give_one_line_errors(data_dir, capsys, extra, message):
-    code, err = run_main(capsys, tiny_args(data_dir) + extra)
+    code, err = run_main(capsys, with_settings(tiny_args(data_dir), *extra))
     assert code == 2 and err.count("\n") == 0, err
     assert message in err
 
