@@ -669,6 +669,7 @@ def append_durably(file, path: Path, data: bytes, durable: bool):
                 os.fsync(file.fileno())
     except DiskFull:
         file.truncate(start)
+        file.seek(start)  # the failed write may have moved the offset past the cut
         raise
 
 
@@ -1153,7 +1154,7 @@ class Run:
         self.console = Console(runtime.is_main)
         self.run_id, self.checkpoint_path, self.checkpoint = s.run_id, None, None
         self.start_step, self.validated = 0, False
-        self.lock, self.log, self.checkpoints = None, None, None
+        self.lock, self.log, self.metrics, self.checkpoints = None, None, None, None
 
     def __enter__(self) -> "Run":
         return self
@@ -1163,11 +1164,16 @@ class Run:
         run folder's lock is released."""
         if isinstance(error, DiskFull):
             error.last_checkpoint = self.last_checkpoint
+            stop_line = f"stopped: {error}"
             error.logged = False  # also when the log header itself did not fit
             if self.log is not None and self.log.file is not None:
                 with contextlib.suppress(DiskFull):
-                    self.log.line(f"stopped: {error}", durable=True)
+                    self.log.line(stop_line, durable=True)
                     error.logged = True
+        if error is not None:  # the files stay open otherwise, and keep their filesystem busy
+            for file in (self.log and self.log.file, self.metrics and self.metrics.file):
+                if file is not None:
+                    file.close()
         self.release_lock()
 
     @property
