@@ -14,7 +14,7 @@ import pytest
 
 import harness as H
 import train_gpt as T
-from conftest import REPO, process_group
+from conftest import REPO, process_group, with_settings
 from records import tool
 
 VOCAB = 1024
@@ -37,12 +37,10 @@ def data_dir(tmp_path):
 def run_args(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
     """The tiny preset shrunk to ~0.1 s a step, 6 steps, a checkpoint every 2 steps; extra replaces these
     (a setting may be given once)."""
-    base = ["--preset=tiny", "--compile=false", "--warmup_steps=0", f"--vocab_size={VOCAB}",
-            "--train_batch_tokens=512", "--val_tokens=2048", "--val_every=0", "--num_iterations=6",
-            "--checkpoint_every=2", "--run_id=run", f"--train_files={data_dir / 'ok_train_*.bin'}",
-            f"--val_files={data_dir / 'ok_val_*.bin'}", f"--log_dir={log_dir}"]
-    replaced = {arg.split("=")[0] for arg in extra}
-    return [arg for arg in base if arg.split("=")[0] not in replaced] + list(extra)
+    return with_settings(["--preset=tiny", "--compile=false", "--warmup_steps=0", f"--vocab_size={VOCAB}",
+                          "--train_batch_tokens=512", "--val_tokens=2048", "--val_every=0", "--num_iterations=6",
+                          "--checkpoint_every=2", "--run_id=run", f"--train_files={data_dir / 'ok_train_*.bin'}",
+                          f"--val_files={data_dir / 'ok_val_*.bin'}", f"--log_dir={log_dir}"], *extra)
 
 
 def run_main(capsys, args: list[str]) -> tuple[int, str, str]:
