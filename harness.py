@@ -693,7 +693,9 @@ class RunLog:
                     f.truncate(resume_bytes)
                     os.fsync(f.fileno())
             else:
-                write_file_atomically(path, [header.encode()])
+                content = header.encode()
+                with disk_full_as_error(path, len(content)):
+                    write_file_atomically(path, [content])
             self.file = open(path, "ab", buffering=0)
         except OSError as error:
             raise SettingsError(log_dir_problem(path.parent, error)) from None
@@ -978,18 +980,16 @@ temporaries_being_written: set[Path] = set()  # a second stop signal removes the
 def write_file_atomically(path: Path, chunks):
     """Writes a temporary file, fsyncs it, renames it over path and fsyncs the folder: a crash leaves
     either the old file or the complete new one (and at worst a <name>.tmp, which remove_orphans
-    deletes). Any failure removes the temporary file; a full disk raises DiskFull."""
-    chunks = list(chunks)
+    deletes). Any failure removes the temporary file."""
     temporary = path.with_name(path.name + TEMPORARY_SUFFIX)
     temporaries_being_written.add(temporary)
     try:
-        with disk_full_as_error(path, sum(len(memoryview(chunk).cast("B")) for chunk in chunks)):
-            with open(temporary, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
+        with open(temporary, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
@@ -1008,7 +1008,8 @@ def write_checkpoint(path: Path, state: dict):
     torch.save(state, buffer)
     payload = buffer.getbuffer()
     prefix = CHECKPOINT_MAGIC + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest()
-    write_file_atomically(path, [prefix, payload])
+    with disk_full_as_error(path, len(prefix) + len(payload)):
+        write_file_atomically(path, [prefix, payload])
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -1131,7 +1132,9 @@ def export_safetensors(state_dict: dict[str, Tensor], s, recipe_file: Path, path
 
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
     metadata = {"settings": json.dumps(settings_dict(s)), "source_sha256": source_sha256(recipe_file)}
-    write_file_atomically(path, [save(tensors, metadata=metadata)])
+    content = save(tensors, metadata=metadata)
+    with disk_full_as_error(path, len(content)):
+        write_file_atomically(path, [content])
 
 
 # ----------------------------------------------------------------------------------------------------

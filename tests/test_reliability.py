@@ -193,11 +193,9 @@ def test_write_file_atomically_removes_its_temporary_file_on_any_failure(tmp_pat
 
     if failing_call == "write":
         full_disk_for(monkeypatch, ".tmp", 0)
-        failure = H.DiskFull
     else:
         monkeypatch.setattr(H.os, failing_call, fail)
-        failure = OSError
-    with pytest.raises(failure):
+    with pytest.raises(OSError):
         H.write_file_atomically(target, [b"new" * 1000])
     monkeypatch.undo()
     assert sorted(tmp_path.iterdir()) == [target] and target.read_bytes() == b"old"
@@ -297,7 +295,7 @@ def test_resume_takes_the_newest_complete_checkpoint_after_a_write_cut_at_any_by
         # a failure inside the write (here: the disk fills at this byte) leaves no temporary file ...
         full_disk_for(monkeypatch, "step_000004.pt.tmp", int(offset))
         if offset < len(complete):
-            with pytest.raises(H.DiskFull):
+            with pytest.raises(OSError, match="No space left"):
                 H.write_file_atomically(folder / "step_000004.pt", [complete])
             assert sorted(path.name for path in folder.iterdir()) == ["step_000002.pt"]
         monkeypatch.undo()
