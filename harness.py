@@ -308,6 +308,7 @@ def check_log_dir(s):
     log_dir = Path(s.log_dir)
     created = [folder for folder in [log_dir, *log_dir.parents] if not folder.exists()]
     probe = log_dir / f".write_check_{os.getpid()}.tmp"
+    temporaries_being_written.add(probe)  # a second stop signal deletes it; a kill leaves it to remove_orphans
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as f:
@@ -321,6 +322,7 @@ def check_log_dir(s):
             probe.unlink(missing_ok=True)
             for folder in created:  # deepest first
                 folder.rmdir()
+        temporaries_being_written.discard(probe)
 
 
 def on_rank0_for_all(runtime, check: Callable, elsewhere: str):
@@ -1100,9 +1102,10 @@ class Checkpoints:
     def save(self, step: int, finished: bool, training_time_ms: float, recipe_state: dict | None, log: "RunLog",
              metrics: "MetricsFile") -> Path:
         """Rank 0 writes the file; recipe_state is the recipe's part (None on the other ranks, which took
-        part in gathering it)."""
+        part in gathering it). If rank 0 cannot write it (a full disk), every rank stops."""
         path = self.path_for(step)
-        if self.runtime.is_main:
+
+        def write():
             self.folder.mkdir(parents=True, exist_ok=True)
             state = dict(
                 step=step, finished=finished, training_time_ms=training_time_ms, run_id=self.run_id,
@@ -1117,6 +1120,8 @@ class Checkpoints:
             write_checkpoint(path, state)
             for old in checkpoint_paths(self.folder)[:-self.s.checkpoint_keep]:
                 old.unlink()
+
+        on_rank0_for_all(self.runtime, write, f"rank 0 could not write the checkpoint {path}")
         self.last_path = path
         return path
 

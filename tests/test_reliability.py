@@ -310,24 +310,29 @@ def test_resume_takes_the_newest_complete_checkpoint_after_a_write_cut_at_any_by
         (folder / "step_000004.pt").unlink()  # the resumed run's final checkpoint: cut the next write again
 
 
-def test_a_second_signal_during_a_checkpoint_write_removes_the_temporary_file(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("writer", ["checkpoint", "log folder check"])
+def test_a_second_signal_during_a_write_removes_the_temporary_file_before_exiting(tmp_path, monkeypatch, capsys,
+                                                                                  writer):
     class Exited(Exception):
         pass
 
-    def fake_exit(status):
+    def exit_with_nothing_left(status):
+        assert list(tmp_path.iterdir()) == [], "the temporary file must be gone before the process exits"
         raise Exited(status)
 
     def second_signal_while_writing(fd):
         signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(H.os, "_exit", fake_exit)
+    monkeypatch.setattr(H.os, "_exit", exit_with_nothing_left)
     monkeypatch.setattr(H.os, "fsync", second_signal_while_writing)
     with H.StopSignals() as signals:
         signals.training = True
         signals.received = "SIGTERM"
         with pytest.raises(Exited):
-            H.write_file_atomically(tmp_path / "step_000002.pt", [b"x" * 10000])
-    assert list(tmp_path.iterdir()) == []
+            if writer == "checkpoint":
+                H.write_file_atomically(tmp_path / "step_000002.pt", [b"x" * 10000])
+            else:
+                H.check_log_dir(type("Settings", (), {"log_dir": str(tmp_path)}))
     assert "SIGTERM again: exiting at once" in capsys.readouterr().err
 
 
