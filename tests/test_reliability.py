@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 import harness as H
 import train_gpt as T
-from conftest import REPO, process_group, with_settings
+from conftest import REPO, process_group, trainer_command, with_settings
 from records import tool
 
 VOCAB = 1024
@@ -226,6 +227,27 @@ def test_a_second_run_on_the_same_run_folder_refuses_and_the_first_finishes(data
     records = [json.loads(line) for line in (log_dir / "run.metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
     assert not (log_dir / "run.lock").exists(), "a finished run removes its lock file"
+
+
+@pytest.mark.slow  # a real trainer process
+def test_a_run_started_beside_a_running_trainer_process_refuses(data_dir, capsys):
+    log_dir = data_dir / "logs"
+    args = run_args(data_dir, log_dir, "--num_iterations=300", "--checkpoint_every=100")
+    with process_group(trainer_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}) as first:
+        deadline = time.monotonic() + 600
+        while not ((log_dir / "run.txt").exists() and "step:2/300 " in (log_dir / "run.txt").read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.1)
+        code, _, err = run_main(capsys, args)
+        assert first.poll() is None, "the first run must still be running when the second one starts"
+        _, first_err = first.communicate(timeout=600)
+    assert_one_line(code, err, 2, f"the run folder is in use by process {first.pid}")
+    assert first.returncode == 0, first_err
+    assert tool.read_log(log_dir / "run.txt").is_complete
+    records = [json.loads(line) for line in (log_dir / "run.metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 301))
+    assert H.read_checkpoint(log_dir / "run" / "step_000300.pt")["finished"]
 
 
 def test_a_run_without_run_id_locks_its_random_one(data_dir, capsys, monkeypatch):
