@@ -396,11 +396,11 @@ class RunFolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "(starting up)"
+                holder = os.read(fd, 32).decode(errors="replace").strip()  # empty while the holder starts up
                 os.close(fd)
-                raise SettingsError(f"--log_dir={log_dir} --run_id={run_id}: the run folder is in use by process "
-                                    f"{holder} (lock {self.path}); wait for that run to end or stop it, or choose "
-                                    "another --run_id") from None
+                raise SettingsError(f"--log_dir={log_dir} --run_id={run_id}: the run folder is in use by "
+                                    f"{f'process {holder}' if holder else 'another process'} (lock {self.path}); "
+                                    "wait for that run to end or stop it, or choose another --run_id") from None
             with contextlib.suppress(FileNotFoundError):
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
