@@ -2,7 +2,6 @@
 (own text -> shards -> tiny preset) is accepted by the trainer, and the README and run.sh point at it."""
 import dataclasses
 import os
-import subprocess
 import sys
 
 import pytest

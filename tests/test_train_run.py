@@ -11,7 +11,8 @@ import pytest
 
 import harness as H
 import train_gpt as T
-from conftest import REPO, first_file, process_group, run_process, run_trainer, shard_paths, trainer_command, with_settings
+from conftest import (REPO, first_file, process_group, run_process, run_trainer, shard_paths, trainer_command,
+                      with_settings)
 
 STEP_LINE = re.compile(r"step:(\d+)/(\d+) (?:val_loss:(\d+\.\d{4})|train_loss:(\d+\.\d{4})) train_time:(\d+)ms "
                        r"step_avg:(\d+\.\d{2})ms")

@@ -164,6 +164,12 @@ def check_settings(s: Settings):
     for name in ("train_seq_len", "val_seq_len", "max_window_tokens"):
         require(getattr(s, name) % s.block_size == 0,
                 f"--{name}={getattr(s, name)}: must be a multiple of block_size={s.block_size}")
+    # Validation may use other lengths: longer sequences are still seen through the trained window, and a
+    # shorter one than the window is plain causal attention over the whole sequence.
+    require(s.max_window_tokens <= s.train_seq_len,
+            f"--max_window_tokens={s.max_window_tokens}: the attention window is longer than a training sequence "
+            f"(--train_seq_len={s.train_seq_len}), so training never fills it; choose {s.block_size}.."
+            f"{s.train_seq_len} (a multiple of block_size={s.block_size}) or a longer --train_seq_len")
     require(s.train_batch_tokens % s.train_seq_len == 0,
             f"--train_batch_tokens={s.train_batch_tokens}: must be a multiple of train_seq_len={s.train_seq_len}")
     require(s.val_tokens % s.val_seq_len == 0,
@@ -1242,35 +1248,36 @@ def train(s: Settings, runtime: Runtime, signals: harness.StopSignals | None = N
     name of the signal that stopped it early (after a checkpoint, when checkpoints are on)."""
     if runtime.grad_accum_steps * runtime.world_size * s.train_seq_len != s.train_batch_tokens:
         raise ValueError("runtime was resolved for other settings: call resolve_runtime with these settings")
-    run = harness.Run(s, runtime, signals, RECIPE_FILE)
-    with run.console.activity("checking the data and loading the validation tokens"):
-        train_files, usable_train_tokens, val_tokens = check_data(s, runtime.is_main)
-    run.find_checkpoint()
-    with run.console.activity("building the model and optimizers"):
-        raw_model = build_model(s, runtime)
-        eval_model = compile_model(raw_model) if s.compile else raw_model
-        optimizers = build_optimizers(raw_model, s, runtime)
-        reducer = GradientReducer(raw_model.parameters(), runtime)
-    run.open_log(harness.environment_report(s, runtime), f"{runtime.world_size} rank(s) x "
-                 f"{runtime.grad_accum_steps} micro-step(s) of {s.train_seq_len} tokens on {runtime.device.type}")
-    if s.num_iterations * s.train_batch_tokens > usable_train_tokens:
-        run.console.say(f"note: the run needs {s.num_iterations * s.train_batch_tokens} training tokens but the "
-                        f"files hold {usable_train_tokens}: the data will be repeated")
-    run.warm_up(lambda: warm_up_kernels(raw_model, optimizers, reducer, s, runtime, run.console))
-    data_position = run.resume(lambda checkpoint: restore_training_state(checkpoint, raw_model, optimizers, runtime))
-    loader = TrainLoader(train_files, s, runtime, *(data_position or (0, 0)))
-    run.start_training(lambda: training_state(raw_model, optimizers, loader, runtime, run.cpu_group))
-    for step in range(run.start_step, s.num_iterations + 1):
-        last_step = step == s.num_iterations
-        if last_step or (s.val_every and step % s.val_every == 0):
-            run.validate(step, step * s.train_batch_tokens,
-                         lambda: validation_loss(eval_model, val_tokens, step, s, runtime))
-        if last_step:
-            break
-        loss = train_step(raw_model, optimizers, reducer, loader, step, s, runtime)
-        if run.step_done(step + 1, loss, (step + 1) * s.train_batch_tokens, lr_factor(step, s)):
-            break
-    return run.finish(raw_model.state_dict)
+    with harness.Run(s, runtime, signals, RECIPE_FILE) as run:
+        with run.console.activity("checking the data and loading the validation tokens"):
+            train_files, usable_train_tokens, val_tokens = check_data(s, runtime.is_main)
+        run.find_checkpoint()
+        with run.console.activity("building the model and optimizers"):
+            raw_model = build_model(s, runtime)
+            eval_model = compile_model(raw_model) if s.compile else raw_model
+            optimizers = build_optimizers(raw_model, s, runtime)
+            reducer = GradientReducer(raw_model.parameters(), runtime)
+        run.open_log(harness.environment_report(s, runtime), f"{runtime.world_size} rank(s) x "
+                     f"{runtime.grad_accum_steps} micro-step(s) of {s.train_seq_len} tokens on {runtime.device.type}")
+        if s.num_iterations * s.train_batch_tokens > usable_train_tokens:
+            run.console.say(f"note: the run needs {s.num_iterations * s.train_batch_tokens} training tokens but the "
+                            f"files hold {usable_train_tokens}: the data will be repeated")
+        run.warm_up(lambda: warm_up_kernels(raw_model, optimizers, reducer, s, runtime, run.console))
+        data_position = run.resume(
+            lambda checkpoint: restore_training_state(checkpoint, raw_model, optimizers, runtime))
+        loader = TrainLoader(train_files, s, runtime, *(data_position or (0, 0)))
+        run.start_training(lambda: training_state(raw_model, optimizers, loader, runtime, run.cpu_group))
+        for step in range(run.start_step, s.num_iterations + 1):
+            last_step = step == s.num_iterations
+            if last_step or (s.val_every and step % s.val_every == 0):
+                run.validate(step, step * s.train_batch_tokens,
+                             lambda: validation_loss(eval_model, val_tokens, step, s, runtime))
+            if last_step:
+                break
+            loss = train_step(raw_model, optimizers, reducer, loader, step, s, runtime)
+            if run.step_done(step + 1, loss, (step + 1) * s.train_batch_tokens, lr_factor(step, s)):
+                break
+        return run.finish(raw_model.state_dict)
 
 
 def main(argv: list[str]) -> int:
