@@ -36,6 +36,14 @@ tiktoken_cache = skip_if_missing(testdata.tiktoken_cache)
 shard_paths = skip_if_missing(testdata.shard_paths)
 
 
+
+def write_shard(path: Path, tokens) -> Path:
+    """A token shard holding tokens (the data tools' own writer), for a test's synthetic data; returns path."""
+    from data import shards
+
+    shards.write_shard(path, tokens)
+    return path
+
 # ----------------------------------------------------------------------------------------------------
 # Processes. Every child starts in its own session (its own process group, which also keeps the
 # terminal's Ctrl-C away from it), and when the test ends for any reason (pass, failure, timeout,

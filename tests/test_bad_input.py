@@ -19,19 +19,13 @@ import pytest
 
 import harness as H
 import train_gpt as T
-from conftest import REPO, descendants, live_processes, process_group, run_process, trainer_command, with_settings
+from conftest import (REPO, descendants, live_processes, process_group, run_process, trainer_command, with_settings,
+                      write_shard)
 
 sys.path.insert(0, str(REPO / "data"))
 import shards  # noqa: E402
 
 SMALL_VOCAB = 1024  # tokens of the synthetic shards below; a small head keeps in-process runs fast
-
-
-def write_shard(path: Path, tokens) -> Path:
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = (H.SHARD_MAGIC, H.SHARD_VERSION, len(tokens))
-    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
-    return path
 
 
 @pytest.fixture

@@ -15,16 +15,10 @@ import pytest
 
 import harness as H
 import train_gpt as T
-from conftest import REPO, process_group, trainer_command, with_settings
+from conftest import REPO, process_group, trainer_command, with_settings, write_shard
 from records import tool
 
 VOCAB = 1024
-
-
-def write_shard(path: Path, tokens):
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = (H.SHARD_MAGIC, H.SHARD_VERSION, len(tokens))
-    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
 
 
 @pytest.fixture
