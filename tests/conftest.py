@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,12 +38,24 @@ shard_paths = skip_if_missing(testdata.shard_paths)
 
 
 
+SMALL_VOCAB = 1024  # tokens of the synthetic shards of data_dir; a small head keeps in-process runs fast
+
+
 def write_shard(path: Path, tokens) -> Path:
     """A token shard holding tokens (the data tools' own writer), for a test's synthetic data; returns path."""
     from data import shards
 
     shards.write_shard(path, tokens)
     return path
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A training and a validation shard of random tokens below SMALL_VOCAB."""
+    generator = np.random.default_rng(0)
+    write_shard(tmp_path / "ok_train_000001.bin", generator.integers(0, SMALL_VOCAB, 12000))
+    write_shard(tmp_path / "ok_val_000000.bin", generator.integers(0, SMALL_VOCAB, 5000))
+    return tmp_path
 
 # ----------------------------------------------------------------------------------------------------
 # Processes. Every child starts in its own session (its own process group, which also keeps the

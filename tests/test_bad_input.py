@@ -19,21 +19,12 @@ import pytest
 
 import harness as H
 import train_gpt as T
-from conftest import (REPO, descendants, live_processes, process_group, run_process, trainer_command, with_settings,
-                      write_shard)
+from conftest import (REPO, SMALL_VOCAB, descendants, live_processes, process_group, run_process, trainer_command,
+                      with_settings, write_shard)
 
 sys.path.insert(0, str(REPO / "data"))
 import shards  # noqa: E402
 
-SMALL_VOCAB = 1024  # tokens of the synthetic shards below; a small head keeps in-process runs fast
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    generator = np.random.default_rng(0)
-    write_shard(tmp_path / "ok_train_000001.bin", generator.integers(0, SMALL_VOCAB, 12000))
-    write_shard(tmp_path / "ok_val_000000.bin", generator.integers(0, SMALL_VOCAB, 5000))
-    return tmp_path
 
 
 def fast_args(data_dir: Path, train="ok_train_*.bin", val="ok_val_*.bin", vocab_size=SMALL_VOCAB) -> list[str]:

@@ -15,24 +15,15 @@ import pytest
 
 import harness as H
 import train_gpt as T
-from conftest import REPO, process_group, trainer_command, with_settings, write_shard
+from conftest import REPO, SMALL_VOCAB, process_group, trainer_command, with_settings
 from records import tool
 
-VOCAB = 1024
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    generator = np.random.default_rng(0)
-    write_shard(tmp_path / "ok_train_000001.bin", generator.integers(0, VOCAB, 12000))
-    write_shard(tmp_path / "ok_val_000000.bin", generator.integers(0, VOCAB, 5000))
-    return tmp_path
 
 
 def run_args(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
     """The tiny preset shrunk to ~0.1 s a step, 6 steps, a checkpoint every 2 steps; extra replaces these
     (a setting may be given once)."""
-    return with_settings(["--preset=tiny", "--compile=false", "--warmup_steps=0", f"--vocab_size={VOCAB}",
+    return with_settings(["--preset=tiny", "--compile=false", "--warmup_steps=0", f"--vocab_size={SMALL_VOCAB}",
                           "--train_batch_tokens=512", "--val_tokens=2048", "--val_every=0", "--num_iterations=6",
                           "--checkpoint_every=2", "--run_id=run", f"--train_files={data_dir / 'ok_train_*.bin'}",
                           f"--val_files={data_dir / 'ok_val_*.bin'}", f"--log_dir={log_dir}"], *extra)
