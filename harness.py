@@ -7,7 +7,7 @@ world size, device), its source file, and callables for the work itself.
 
 Sections, top to bottom:
   1. Settings: declaring, parsing, --help       5. Logs, metrics, console, clock
-  2. Start-up checks: GPU memory, log folder    6. Stop signals and the non-finite loss watch
+  2. Start-up checks: GPU, memory, log folder   6. Stop signals and the non-finite loss watch
   3. Token shards: the one reader               7. Checkpoints and exports
   4. Validation data not in the training data   8. The run: Run (train()'s services) and run_main
                                                  9. The launcher: torchrun for run.sh (python harness.py launch)
@@ -204,6 +204,42 @@ class MemorySavers:
     """Exact memory savers: what they drop in forward is recomputed in backward."""
     checkpoint_blocks: int = 0  # the first N transformer blocks keep only their inputs
     loss_chunk_tokens: int = 0  # training head + cap + loss per chunk of this many tokens; 0: one piece
+
+
+# Shared memory per block that FlexAttention's largest kernel needs with inductor's default tiles (bf16, head_dim
+# 128), by compute capability: offline compilation for each target with the GPU check's method (README, "Running
+# on other GPUs"; sm_80/sm_89 at 2,048 tokens, the tiles do not depend on the length). The
+# tiles, hence the need, depend on the architecture; what a GPU offers is its own property (sm_86/sm_89 cards
+# such as RTX 3090/4090 and L40S: 101,376 bytes; A100: 166,912; H100: 232,448).
+FLEX_SHARED_MEMORY_NEEDED = {(8, 0): 99_328, (8, 9): 99_328, (9, 0): 166_400}
+
+
+def check_gpu(s, device: torch.device, backend: str) -> tuple[list[str], int]:
+    """Start-up capability checks of the visible GPU for the recipe's settings s (fp8_head, head_dim): bf16,
+    FP8 and, with backend "flex", FlexAttention's shared memory. Returns one-line notices and the GPU's memory in bytes."""
+    props = torch.cuda.get_device_properties(device)
+    capability = f"compute capability {props.major}.{props.minor}"
+    if (props.major, props.minor) < (8, 0):
+        raise SettingsError(f"{props.name} ({capability}) has no bfloat16 support, which training computes in: "
+                            "it needs compute capability 8.0 or newer (A100, RTX 30xx/40xx, L40S, H100)")
+    if s.fp8_head and (props.major, props.minor) < (8, 9):
+        raise SettingsError(f"--fp8_head=true needs FP8 matmuls, which need compute capability 8.9 or newer (Ada, "
+                            f"Hopper, Blackwell); {props.name} has {capability}: run with --fp8_head=false")
+    notices = [f"GPU: {props.name}, {capability}, {props.total_memory / 2**30:.1f} GiB: bf16 yes, "
+               f"FP8 head {'on' if s.fp8_head else 'off'}"]
+    if backend == "flex":
+        needed = FLEX_SHARED_MEMORY_NEEDED.get((props.major, props.minor)) if s.head_dim == 128 else None
+        offered = props.shared_memory_per_block_optin
+        if needed is None:
+            notices.append(f"FlexAttention: the GPU check has not compiled its kernels for {capability} at "
+                           f"head_dim {s.head_dim}; if compilation stops with 'out of resource: shared memory', "
+                           f"this GPU's {offered} bytes per block are too few")
+        elif offered < needed:
+            raise SettingsError(f"FlexAttention's kernels need {needed} bytes of shared memory per block on "
+                                f"{capability} (GPU check); {props.name} offers {offered}: use a GPU with more")
+        else:
+            notices.append(f"FlexAttention: kernels need {needed} of the {offered} bytes of shared memory per block")
+    return notices, props.total_memory
 
 
 # --memory=auto reads the GPU check's predicted peak memory per combination of savers for the record shape.

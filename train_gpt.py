@@ -238,49 +238,13 @@ def resolve_runtime(s: Settings, rank: int, world_size: int, local_rank: int) ->
             f"run with {', '.join(map(str, divisors(sequences_per_step)))} processes")
     notices, total_memory = [], None
     if device_type == "cuda":
-        notices, total_memory = check_gpu(s, device, backend)
+        notices, total_memory = harness.check_gpu(s, device, backend)
     savers, memory_notice = harness.choose_memory_savers(s, world_size, total_memory, harness.load_memory_table())
     notices.append(memory_notice)
     if rank == 0:
         for notice in notices:
             print(notice, flush=True)
     return Runtime(rank, world_size, device, backend, sequences_per_step // world_size, savers, tuple(notices))
-
-
-# Shared memory per block that FlexAttention's largest kernel needs with inductor's default tiles (bf16, head_dim
-# 128), by compute capability: offline compilation for each target with the GPU check's method (README, "Running
-# on other GPUs"; sm_80/sm_89 at 2,048 tokens, the tiles do not depend on the length). The
-# tiles, hence the need, depend on the architecture; what a GPU offers is its own property (sm_86/sm_89 cards
-# such as RTX 3090/4090 and L40S: 101,376 bytes; A100: 166,912; H100: 232,448).
-FLEX_SHARED_MEMORY_NEEDED = {(8, 0): 99_328, (8, 9): 99_328, (9, 0): 166_400}
-
-
-def check_gpu(s: Settings, device: torch.device, backend: str) -> tuple[list[str], int]:
-    """Start-up capability checks of the visible GPU: bf16, FP8 and FlexAttention's shared memory.
-    Returns one-line notices and the GPU's memory in bytes."""
-    props = torch.cuda.get_device_properties(device)
-    capability = f"compute capability {props.major}.{props.minor}"
-    if (props.major, props.minor) < (8, 0):
-        raise SettingsError(f"{props.name} ({capability}) has no bfloat16 support, which training computes in: "
-                            "it needs compute capability 8.0 or newer (A100, RTX 30xx/40xx, L40S, H100)")
-    if s.fp8_head and (props.major, props.minor) < (8, 9):
-        raise SettingsError(f"--fp8_head=true needs FP8 matmuls, which need compute capability 8.9 or newer (Ada, "
-                            f"Hopper, Blackwell); {props.name} has {capability}: run with --fp8_head=false")
-    notices = [f"GPU: {props.name}, {capability}, {props.total_memory / 2**30:.1f} GiB: bf16 yes, "
-               f"FP8 head {'on' if s.fp8_head else 'off'}"]
-    if backend == "flex":
-        needed = FLEX_SHARED_MEMORY_NEEDED.get((props.major, props.minor)) if s.head_dim == 128 else None
-        offered = props.shared_memory_per_block_optin
-        if needed is None:
-            notices.append(f"FlexAttention: the GPU check has not compiled its kernels for {capability} at "
-                           f"head_dim {s.head_dim}; if compilation stops with 'out of resource: shared memory', "
-                           f"this GPU's {offered} bytes per block are too few")
-        elif offered < needed:
-            raise SettingsError(f"FlexAttention's kernels need {needed} bytes of shared memory per block on "
-                                f"{capability} (GPU check); {props.name} offers {offered}: use a GPU with more")
-        else:
-            notices.append(f"FlexAttention: kernels need {needed} of the {offered} bytes of shared memory per block")
-    return notices, props.total_memory
 
 
 # ----------------------------------------------------------------------------------------------------
