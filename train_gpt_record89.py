@@ -196,6 +196,11 @@ def divisors(n: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------------
 # 4. Model
 
+# 4a. Attention: rotary with YaRN, document-aware sliding-window masks, paired heads, key offset, XSA, DC
+
+
+# 4b. The network: embeddings (tied head, smear, bigram hash, value embeddings), MUDD gates, the 11 layers
+
 
 # ----------------------------------------------------------------------------------------------------
 # 5. Loss and FP8 ops
