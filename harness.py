@@ -214,32 +214,31 @@ class MemorySavers:
 FLEX_SHARED_MEMORY_NEEDED = {(8, 0): 99_328, (8, 9): 99_328, (9, 0): 166_400}
 
 
-def check_gpu(s, device: torch.device, backend: str) -> tuple[list[str], int]:
-    """Start-up capability checks of the visible GPU for the recipe's settings s (fp8_head, head_dim): bf16,
-    FP8 and, with backend "flex", FlexAttention's shared memory. Returns one-line notices and the GPU's memory in bytes."""
+def check_gpu(device: torch.device, backend: str, head_dim: int) -> tuple[list[str], int, bool]:
+    """Start-up capability checks of the visible GPU: bf16 and, with backend "flex", FlexAttention's shared
+    memory at this head_dim. Returns one-line notices, the GPU's memory in bytes, and whether it has FP8
+    matmuls (compute capability 8.9 or newer), which each recipe turns into an error or a fallback."""
     props = torch.cuda.get_device_properties(device)
     capability = f"compute capability {props.major}.{props.minor}"
     if (props.major, props.minor) < (8, 0):
         raise SettingsError(f"{props.name} ({capability}) has no bfloat16 support, which training computes in: "
                             "it needs compute capability 8.0 or newer (A100, RTX 30xx/40xx, L40S, H100)")
-    if s.fp8_head and (props.major, props.minor) < (8, 9):
-        raise SettingsError(f"--fp8_head=true needs FP8 matmuls, which need compute capability 8.9 or newer (Ada, "
-                            f"Hopper, Blackwell); {props.name} has {capability}: run with --fp8_head=false")
+    has_fp8 = (props.major, props.minor) >= (8, 9)
     notices = [f"GPU: {props.name}, {capability}, {props.total_memory / 2**30:.1f} GiB: bf16 yes, "
-               f"FP8 head {'on' if s.fp8_head else 'off'}"]
+               f"FP8 matmuls {'yes' if has_fp8 else 'no'}"]
     if backend == "flex":
-        needed = FLEX_SHARED_MEMORY_NEEDED.get((props.major, props.minor)) if s.head_dim == 128 else None
+        needed = FLEX_SHARED_MEMORY_NEEDED.get((props.major, props.minor)) if head_dim == 128 else None
         offered = props.shared_memory_per_block_optin
         if needed is None:
             notices.append(f"FlexAttention: the GPU check has not compiled its kernels for {capability} at "
-                           f"head_dim {s.head_dim}; if compilation stops with 'out of resource: shared memory', "
+                           f"head_dim {head_dim}; if compilation stops with 'out of resource: shared memory', "
                            f"this GPU's {offered} bytes per block are too few")
         elif offered < needed:
             raise SettingsError(f"FlexAttention's kernels need {needed} bytes of shared memory per block on "
                                 f"{capability} (GPU check); {props.name} offers {offered}: use a GPU with more")
         else:
             notices.append(f"FlexAttention: kernels need {needed} of the {offered} bytes of shared memory per block")
-    return notices, props.total_memory
+    return notices, props.total_memory, has_fp8
 
 
 # --memory=auto reads the GPU check's predicted peak memory per combination of savers for the record shape.

@@ -238,7 +238,13 @@ def resolve_runtime(s: Settings, rank: int, world_size: int, local_rank: int) ->
             f"run with {', '.join(map(str, divisors(sequences_per_step)))} processes")
     notices, total_memory = [], None
     if device_type == "cuda":
-        notices, total_memory = harness.check_gpu(s, device, backend)
+        notices, total_memory, has_fp8 = harness.check_gpu(device, backend, s.head_dim)
+        if s.fp8_head and not has_fp8:
+            props = torch.cuda.get_device_properties(device)
+            raise SettingsError(f"--fp8_head=true needs FP8 matmuls, which need compute capability 8.9 or newer "
+                                f"(Ada, Hopper, Blackwell); {props.name} has compute capability "
+                                f"{props.major}.{props.minor}: run with --fp8_head=false")
+        notices[0] += f"; FP8 head {'on' if s.fp8_head else 'off'}"
     savers, memory_notice = harness.choose_memory_savers(s, world_size, total_memory, harness.load_memory_table())
     notices.append(memory_notice)
     if rank == 0:
