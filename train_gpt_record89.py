@@ -189,6 +189,41 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def resolve_runtime(s: Settings, rank: int, world_size: int, local_rank: int) -> Runtime:
+    """Checks device, attention backend, FP8 and world size before any process group exists."""
+    has_cuda = torch.cuda.is_available()
+    if s.device == "cuda" and not has_cuda:
+        raise SettingsError("--device=cuda but no CUDA GPU is visible; use --device=cpu (e.g. with --preset=tiny)")
+    device_type = "cuda" if s.device == "cuda" or (s.device == "auto" and has_cuda) else "cpu"
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    backend = s.attention_backend
+    if backend == "auto":
+        backend = "flex" if device_type == "cuda" else "explicit"
+    if backend == "flex" and device_type == "cpu":
+        raise SettingsError("--attention_backend=flex needs a CUDA GPU (FlexAttention has no backward on CPU); "
+                            "use --attention_backend=explicit on CPU")
+    if backend == "flex" and not s.compile:
+        raise SettingsError("--attention_backend=flex needs --compile=true (eager FlexAttention materialises "
+                            "the full score matrix); use --attention_backend=explicit to run uncompiled")
+    if s.slots_per_step % world_size != 0:
+        raise SettingsError(f"world size {world_size} cannot split a step of {s.slots_per_step} slots "
+                            f"(--slots_per_step); run with {', '.join(map(str, divisors(s.slots_per_step)))} "
+                            "processes")
+    notices, fp8 = [], s.fp8
+    if device_type == "cuda":
+        notices, _, has_fp8 = harness.check_gpu(device, backend, s.head_dim)
+        if s.fp8 and not has_fp8:
+            notices.append("FP8: this GPU has no FP8 matmuls: the LM head and MLP matmuls run in bf16 (the record "
+                           "uses FP8; expect a slightly different loss curve)")
+            fp8 = False
+    elif s.fp8:
+        notices.append("FP8: emulated on CPU (values rounded through float8, matmuls in fp32)")
+    if rank == 0:
+        for notice in notices:
+            print(notice, flush=True)
+    return Runtime(rank, world_size, device, backend, fp8, MemorySavers(), tuple(notices))
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. Schedules: every number of the run that changes with the step, in one place
 
@@ -220,11 +255,189 @@ def divisors(n: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------------
 # 9. Training step, validation, warm-up
+# A step: each of this rank's slots (micro-steps) takes its batch, runs forward and backward on the summed
+# loss, and the last one arms the gradient communication; then the optimizers step by the plan, and at the
+# split step the embedding is untied. No host sync: losses stay on the device, the per-step numbers the
+# compiled code reads are rows of one device table.
+
+
+class LossWeights:
+    """The MTP and prefix weights of every step as one device table, made once: a step's weights are a view of
+    its row (no host-to-device copy per step, and a tensor, so new values do not recompile)."""
+
+    def __init__(self, s: Settings, device: torch.device):
+        plans = [step_plan(step, s) for step in range(s.num_iterations)]
+        width = max(len(plan.mtp_weights) for plan in plans)
+        rows = [list(plan.mtp_weights) + [0.0] * (width - len(plan.mtp_weights)) + [plan.prefix_weight]
+                for plan in plans]
+        self.table = torch.tensor(rows, dtype=torch.float32).to(device)  # (steps, width + 1)
+
+    def at(self, plan: StepPlan) -> tuple[Tensor, Tensor]:
+        """(mtp weights (K,), prefix weight ()) of plan's step, K the offsets its stage predicts."""
+        row = self.table[plan.step]
+        return row[:len(plan.mtp_weights)], row[-1]
+
+
+def step_loss(model: "GPT", batch: Batch, plan: StepPlan, weights: LossWeights, slot: int,
+              runtime: Runtime) -> Tensor:
+    """The training objective of one slot: the summed multi-target loss of section 5 (a sum over tokens, so
+    the FP8 gradient scales do not depend on the batch size)."""
+    masks = model.masks_for(batch, plan.short_window_blocks, plan.long_window_blocks)
+    hidden = model.hidden(batch, masks, slot)
+    mtp_weights, prefix_weight = weights.at(plan)
+    return training_loss(hidden, model.head_weight(), batch.targets, model.prefix_table[batch.targets],
+                         mtp_weights, prefix_weight, runtime.fp8)
+
+
+def train_step(model: "GPT", optimizers, communication, loader: "DocumentLoader", plan: StepPlan,
+               weights: LossWeights, s: Settings, runtime: Runtime) -> Tensor:
+    """One optimizer step; returns this rank's mean loss per token (a device tensor: no sync)."""
+    model.set_long_window(plan.long_window_blocks * s.block_size)
+    slots = runtime.slots(s)
+    total = torch.zeros((), device=runtime.device)
+    for micro_step, slot in enumerate(slots):
+        if micro_step == len(slots) - 1:
+            communication.arm(plan)
+        batch = loader.next_batch(plan.slot_tokens, plan.max_doc_len)
+        loss = step_loss(model, batch, plan, weights, slot, runtime)
+        loss.backward()
+        total += loss.detach()
+    communication.finish()
+    step_optimizers(optimizers, plan)
+    if plan.untie_after:
+        model.untie()
+        untie_optimizer_state(optimizers, model)
+    return total / (len(slots) * plan.slot_tokens)
+
+
+@torch.no_grad()
+def validation_loss(model: "GPT", val_tokens: Tensor, windows: tuple[int, int], s: Settings,
+                    runtime: Runtime) -> float:
+    """Mean cross-entropy over exactly s.val_tokens tokens with the given (short, long) windows; every
+    rank's sum is all-reduced, so 1 and W ranks give the same value."""
+    model.eval()
+    loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
+    for batch in validation_batches(val_tokens, s, runtime):
+        hidden = model.hidden(batch, model.masks_for(batch, *windows), None)
+        loss_sum += validation_loss_sum(hidden, model.head_weight(), batch.targets).double()
+    if runtime.world_size > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+    model.train()
+    return loss_sum.item() / s.val_tokens
+
+
+def warm_up_kernels(model: "GPT", optimizers, communication, weights: LossWeights, train_files: list[Path],
+                    val_tokens: Tensor, s: Settings, runtime: Runtime, console: harness.Console):
+    """Runs the steps of warmup_steps(s) on real data (every stage's batch and window shapes, the extension)
+    and a validation with each stage's windows and the final ones, so that nothing compiles inside the timed
+    run; then restores the model, the optimizers and the FP8 scales, so the run starts exactly as an unwarmed
+    one would."""
+    if not s.warmup:
+        return
+    initial = copy.deepcopy(dict(model=model.state_dict(), optimizers=local_optimizer_state(optimizers)))
+    initial_long_window = model.long_window_tokens
+    loader = DocumentLoader(train_files, s, runtime)
+    steps = warmup_steps(s)
+    for i, step in enumerate(steps):
+        what = "compiling" if i == 0 and s.compile else "running kernels"
+        with console.activity(f"warm-up step {i + 1}/{len(steps)} (step {step} shapes, {what})"):
+            train_step(model, optimizers, communication, loader, step_plan(step, s), weights, s, runtime)
+            runtime.synchronize()
+    validation_windows = {(plan.short_window_blocks, plan.long_window_blocks)
+                          for plan in map(lambda step: step_plan(step, s), steps)} | {final_windows(s)}
+    one_sequence = val_tokens[:s.val_seq_len + 1]
+    for windows in sorted(validation_windows):
+        with console.activity(f"warm-up validation with windows {windows[0]}/{windows[1]} blocks"):
+            validation_loss(model, one_sequence, windows, replace(s, val_tokens=s.val_seq_len), runtime)
+    model.load_state_dict(initial["model"])
+    model.long_window_tokens = initial_long_window
+    load_local_optimizer_state(optimizers, initial["optimizers"])
+    model.zero_grad(set_to_none=True)
+
+
 
 
 # ----------------------------------------------------------------------------------------------------
 # 10. Checkpoint state: the recipe's part of a checkpoint (the harness adds step, time, settings, RNG)
 
 
+def training_state(model: "GPT", optimizers, loader: "DocumentLoader", runtime: Runtime, group) -> dict | None:
+    """Weights and buffers (tied flag, YaRN frequencies and scale, FP8 delayed scales), the optimizers' state
+    by parameter name (gathered from the ranks that own it, so it loads at any world size) and the data
+    position. Collective: every rank calls it; rank 0 gets the dict, the others None."""
+    optimizer = optimizer_state(optimizers, model, runtime, group)
+    if not runtime.is_main:
+        return None
+    return dict(model=to_cpu(model.state_dict()), optimizers=optimizer, data=loader.state(),
+                long_window_tokens=model.long_window_tokens)
+
+
+def restore_training_state(checkpoint: dict, model: "GPT", optimizers, runtime: Runtime) -> dict:
+    """Loads training_state's dict (each rank takes the optimizer state it owns); returns the data position."""
+    model.load_state_dict(checkpoint["model"])
+    model.long_window_tokens = checkpoint["long_window_tokens"]
+    load_optimizer_state(optimizers, model, checkpoint["optimizers"], runtime)
+    return checkpoint["data"]
+
+
+
+
 # ----------------------------------------------------------------------------------------------------
 # 11. train() and main()
+
+
+def train(s: Settings, runtime: Runtime, signals: harness.StopSignals | None = None) -> str | None:
+    """Runs the training, or continues it with --resume. Returns None when it ran to the end, or the
+    name of the signal that stopped it early (after a checkpoint, when checkpoints are on)."""
+    with harness.Run(s, runtime, signals, RECIPE_FILE) as run:
+        with run.console.activity("checking the data and loading the validation tokens"):
+            train_files, val_tokens = check_data(s, runtime.is_main)
+        run.find_checkpoint()
+        with run.console.activity("building the model and optimizers"):
+            model = build_model(s, runtime)
+            optimizers = build_optimizers(model, s, runtime)
+            communication = GradientCommunication(model, optimizers, runtime)
+            weights = LossWeights(s, runtime.device)
+        run.open_log(harness.environment_report(s, runtime),
+                     f"{runtime.world_size} rank(s) x {len(runtime.slots(s))} slot(s) per step on {runtime.device.type}")
+        run.warm_up(lambda: warm_up_kernels(model, optimizers, communication, weights, train_files, val_tokens, s,
+                                            runtime, run.console))
+        data_state = run.resume(lambda checkpoint: restore_training_state(checkpoint, model, optimizers, runtime))
+        loader = DocumentLoader(train_files, s, runtime, data_state)
+        run.start_training(lambda: training_state(model, optimizers, loader, runtime, run.cpu_group))
+        tokens = sum(step_plan(step, s).batch_tokens for step in range(run.start_step))
+        for step in range(run.start_step, s.num_iterations + 1):
+            last_step = step == s.num_iterations
+            if last_step or (s.val_every and step % s.val_every == 0):
+                plan = step_plan(step, s)
+                windows = final_windows(s) if last_step else (plan.short_window_blocks, plan.long_window_blocks)
+                run.validate(step, tokens, lambda: validation_loss(model, val_tokens, windows, s, runtime))
+            if last_step:
+                break
+            plan = step_plan(step, s)
+            loss = train_step(model, optimizers, communication, loader, plan, weights, s, runtime)
+            tokens += plan.batch_tokens
+            if run.step_done(step + 1, loss, tokens, plan.lr_factor):
+                break
+        return run.finish(model.state_dict)
+
+
+def main(argv: list[str]) -> int:
+    def command(signals: harness.StopSignals) -> str | None:
+        s = parse_settings([arg for arg in argv if arg != "--schedule"])
+        if "--schedule" in argv:
+            print(schedule_table(s))
+            return None
+        runtime = resolve_runtime(s, *harness.process_ranks())
+        if s.check_only:
+            train_files, _ = check_data(s)
+            return None
+        with harness.process_group(runtime):
+            harness.check_log_dir_on_rank0(s, runtime)
+            return train(s, runtime, signals)
+
+    return harness.run_main(argv, settings_help, command)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
