@@ -12,10 +12,11 @@ Sections, top to bottom:
   4. Model                      8. Speed machinery (gradient communication, compilation)
 """
 
+import copy
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Before torch can initialise CUDA: growable segments keep the logits-sized blocks from fragmenting the
@@ -23,11 +24,12 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 import harness
 from harness import (FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, DataError, MemorySavers, Range, RunSettings,
-                     SettingsError, setting)
+                     SettingsError, setting, to_cpu)
 
 RECIPE_FILE = Path(__file__).resolve()
 
