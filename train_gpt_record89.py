@@ -13,6 +13,7 @@ Sections, top to bottom:
 """
 
 import copy
+import functools
 import math
 import os
 import sys
@@ -228,6 +229,290 @@ def resolve_runtime(s: Settings, rank: int, world_size: int, local_rank: int) ->
 
 # ----------------------------------------------------------------------------------------------------
 # 3. Schedules: every number of the run that changes with the step, in one place
+# The run is a list of stages (stage_ends), then the extension: extension_steps more steps at the LR floor
+# with the extension windows and the last stage's batch. The per-stage settings are parsed and checked once
+# per distinct settings (stages(s), cached); step_plan reads the parsed Stages.
+#
+# "Interpolated linearly within each stage" (MTP and prefix weights): at step t of a stage that runs from
+# `start` to `end` (exclusive) the fraction is (t - start) / (end - start). A weight has its start value on the
+# stage's first step and would reach its end value on the next stage's first step, where that stage's weights
+# take over (as the public script's TrainingSchedule.lookup does). Step num_iterations, the final
+# validation's, counts as the end of the extension (fraction 1).
+
+STAGE_MTP_WEIGHTS = (  # per stage: the weights of predicted offsets k = 1, 2, ... at its start and at its end
+    ((1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
+    ((1.0, 0.5), (1.0, 0.0)),
+    ((1.0,), (1.0,)),
+)
+STAGE_PREFIX_WEIGHT = ((0.25, 0.25), (0.25, 0.0), (0.0, 0.0))  # per stage: at its start and at its end
+EXTENSION_MTP_WEIGHTS = (1.0,)
+EXTENSION_PREFIX_WEIGHT = 0.0
+WARMUP_OFFSETS = (-2, -1, 0, 1)  # the warm-up trains these steps around each stage change, and steps 0 and 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int  # 0, 1, 2; the extension's is the number of scheduled stages (3)
+    start: int  # its first step
+    end: int  # one past its last step
+    batch_tokens: int  # tokens of one optimizer step, all ranks together
+    lr_multiplier: float  # the extension's is lr_floor
+    max_doc_len: int
+    windows: tuple[int, int]  # (short, long) in blocks
+    mtp_weights: tuple[tuple[float, ...], tuple[float, ...]]  # (at the start, at the end)
+    prefix_weight: tuple[float, float]  # (at the start, at the end)
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+    def fraction(self, step: int) -> float:
+        """How far step is into the stage: 0 on its first step, 1 at its end (see the section's comment)."""
+        return (step - self.start) / self.steps if step < self.end else 1.0
+
+
+@dataclass(frozen=True)
+class Stages:
+    scheduled: tuple[Stage, ...]
+    extension: Stage  # holds no step when extension_steps is 0
+    cooldown_start: int  # the LR cools down from this step to the end of the scheduled steps
+
+    @property
+    def scheduled_steps(self) -> int:
+        return self.extension.start
+
+    @property
+    def num_iterations(self) -> int:
+        return self.extension.end
+
+    @property
+    def all(self) -> tuple[Stage, ...]:
+        return (*self.scheduled, self.extension)
+
+    def at(self, step: int) -> Stage:
+        """The stage that trains step; step == num_iterations (the final validation) is the extension's."""
+        return next((stage for stage in self.scheduled if step < stage.end), self.extension)
+
+
+def stages(s: Settings) -> Stages:
+    """The parsed stages of s; a one-line SettingsError where the per-stage settings are inconsistent."""
+    return _parse_stages(s.stage_ends, s.extension_steps, s.stage_batch_tokens, s.stage_lr, s.stage_max_doc_len,
+                         s.stage_windows, s.extension_windows, s.cooldown_frac, s.lr_floor, s.slots_per_step,
+                         s.block_size)
+
+
+def parse_windows(name: str, text: str) -> list[tuple[int, int]]:
+    """'1/3,3/7' -> [(1, 3), (3, 7)]: (short, long) in blocks."""
+    try:
+        windows = [tuple(int(blocks) for blocks in item.split("/")) for item in text.split(",")]
+    except ValueError:
+        windows = []
+    if not windows or any(len(window) != 2 for window in windows):
+        raise SettingsError(f"--{name}={text}: give windows as short/long in blocks, e.g. 1/3 (comma-separated "
+                            "for stages)")
+    return windows
+
+
+def check_windows(name: str, text: str, windows: tuple[int, int], room_blocks: int, room: str):
+    short, long = windows
+    if short < 1 or long < 1:
+        raise SettingsError(f"--{name}={text}: a window must be at least 1 block")
+    if short > long:
+        raise SettingsError(f"--{name}={text}: the short window ({short} blocks) must not exceed the long one "
+                            f"({long})")
+    if long > room_blocks:
+        raise SettingsError(f"--{name}={text}: the long window of {long} blocks is longer than {room} "
+                            f"({room_blocks} blocks)")
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_stages(stage_ends: str, extension_steps: int, stage_batch_tokens: str, stage_lr: str,
+                  stage_max_doc_len: str, stage_windows: str, extension_windows: str, cooldown_frac: float,
+                  lr_floor: float, slots_per_step: int, block_size: int) -> Stages:
+    def numbers(name: str, text: str, kind: type) -> list:
+        try:
+            return [kind(item) for item in text.split(",")]
+        except ValueError:
+            raise SettingsError(f"--{name}={text}: give comma-separated {'whole ' if kind is int else ''}numbers, "
+                                "one per stage") from None
+
+    ends = numbers("stage_ends", stage_ends, int)
+    if len(ends) != len(STAGE_MTP_WEIGHTS):
+        raise SettingsError(f"--stage_ends={stage_ends}: the recipe has {len(STAGE_MTP_WEIGHTS)} stages (its MTP "
+                            f"and prefix-loss weights are set per stage); give {len(STAGE_MTP_WEIGHTS)} stage ends")
+    if any(end <= start for start, end in zip([0, *ends], ends)):
+        raise SettingsError(f"--stage_ends={stage_ends}: must increase, starting above 0 (every stage needs a step)")
+    texts = dict(stage_batch_tokens=stage_batch_tokens, stage_lr=stage_lr, stage_max_doc_len=stage_max_doc_len,
+                 stage_windows=stage_windows)
+    per_stage = dict(stage_batch_tokens=numbers("stage_batch_tokens", stage_batch_tokens, int),
+                     stage_lr=numbers("stage_lr", stage_lr, float),
+                     stage_max_doc_len=numbers("stage_max_doc_len", stage_max_doc_len, int),
+                     stage_windows=parse_windows("stage_windows", stage_windows))
+    for name, values in per_stage.items():
+        if len(values) != len(ends):
+            raise SettingsError(f"--{name}={texts[name]}: {len(values)} entries, but --stage_ends has {len(ends)}; "
+                                "give one per stage")
+    extension_window = parse_windows("extension_windows", extension_windows)
+    if len(extension_window) != 1:
+        raise SettingsError(f"--extension_windows={extension_windows}: give one short/long pair, e.g. 6/13")
+    slot_quantum = slots_per_step * block_size  # every slot of a step holds whole attention blocks
+    for batch_tokens in per_stage["stage_batch_tokens"]:
+        if batch_tokens <= 0 or batch_tokens % slot_quantum:
+            raise SettingsError(f"--stage_batch_tokens={stage_batch_tokens}: {batch_tokens} is not a positive "
+                                f"multiple of --slots_per_step * --block_size = {slot_quantum}")
+    for lr in per_stage["stage_lr"]:
+        if not (math.isfinite(lr) and lr >= 0):
+            raise SettingsError(f"--stage_lr={stage_lr}: {lr} is not a finite number >= 0")
+    for doc_len in per_stage["stage_max_doc_len"]:
+        if doc_len <= 0:
+            raise SettingsError(f"--stage_max_doc_len={stage_max_doc_len}: {doc_len} is not positive")
+    slot_blocks = [batch_tokens // slot_quantum for batch_tokens in per_stage["stage_batch_tokens"]]
+    for windows, room_blocks in zip(per_stage["stage_windows"], slot_blocks):
+        check_windows("stage_windows", stage_windows, windows, room_blocks, "its stage's slot")
+    check_windows("extension_windows", extension_windows, extension_window[0], slot_blocks[-1],
+                  "the last stage's slot")
+
+    scheduled = tuple(Stage(index, start, end, per_stage["stage_batch_tokens"][index], per_stage["stage_lr"][index],
+                            per_stage["stage_max_doc_len"][index], per_stage["stage_windows"][index],
+                            STAGE_MTP_WEIGHTS[index], STAGE_PREFIX_WEIGHT[index])
+                      for index, (start, end) in enumerate(zip([0, *ends], ends)))
+    last = scheduled[-1]
+    extension = Stage(len(ends), last.end, last.end + extension_steps, last.batch_tokens, lr_floor,
+                      last.max_doc_len, extension_window[0], (EXTENSION_MTP_WEIGHTS, EXTENSION_MTP_WEIGHTS),
+                      (EXTENSION_PREFIX_WEIGHT, EXTENSION_PREFIX_WEIGHT))
+    # floor, as the record: floor(1270 * 0.4) = 508
+    return Stages(scheduled, extension, cooldown_start=math.floor(last.end * cooldown_frac))
+
+
+def check_schedule(s: Settings):
+    """The per-stage settings, the untie step, the momentum ramps and the final windows fit together."""
+    schedule = stages(s)
+    if not 0 <= s.split_step < schedule.num_iterations:
+        raise SettingsError(f"--split_step={s.split_step}: must be a training step, below the run's "
+                            f"{schedule.num_iterations} steps")
+    ramps = s.muon_momentum_warmup_steps + s.muon_momentum_cooldown_steps
+    if ramps > schedule.num_iterations:
+        raise SettingsError(f"--muon_momentum_warmup_steps + --muon_momentum_cooldown_steps = {ramps} exceeds the "
+                            f"run's {schedule.num_iterations} steps; the rise and the fall must not overlap")
+    final = parse_windows("final_windows", s.final_windows)
+    if len(final) != 1:
+        raise SettingsError(f"--final_windows={s.final_windows}: give one short/long pair, e.g. 6/20")
+    check_windows("final_windows", s.final_windows, final[0], s.val_seq_len // s.block_size,
+                  "a validation sequence (--val_seq_len)")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: int
+    stage: int  # 0, 1, 2; 3 = extension
+    batch_tokens: int  # all ranks together
+    slot_tokens: int  # one training buffer: batch_tokens // slots_per_step
+    max_doc_len: int
+    lr_factor: float  # times every base learning rate
+    muon_momentum: float
+    short_window_blocks: int
+    long_window_blocks: int
+    mtp_weights: tuple[float, ...]  # one per predicted offset k = 1, 2, ...
+    prefix_weight: float
+    adam_updates: bool  # Adam steps after this step: odd steps that train (gradients accumulate over two)
+    untie_after: bool  # the embedding and the LM head untie after this step's update
+
+
+def lr_factor_at(step: int, stage: Stage, schedule: Stages, s: Settings) -> float:
+    """The stage's multiplier, from cooldown_start blended linearly into lr_floor, reached at the end of the
+    scheduled steps: m (1 - tau) + floor tau with tau = (step - cooldown_start) / (scheduled - cooldown_start)."""
+    if step < schedule.cooldown_start:
+        return stage.lr_multiplier
+    if step >= schedule.scheduled_steps:
+        return s.lr_floor
+    tau = (step - schedule.cooldown_start) / (schedule.scheduled_steps - schedule.cooldown_start)
+    return stage.lr_multiplier * (1 - tau) + s.lr_floor * tau
+
+
+def muon_momentum_at(step: int, num_iterations: int, s: Settings) -> float:
+    """muon_momentum_start rising linearly to muon_momentum over the warm-up steps, then muon_momentum, then
+    falling linearly over the last muon_momentum_cooldown_steps: it would reach muon_momentum_start exactly at
+    step num_iterations, which trains nothing, so the last update (num_iterations - 1) uses
+    start + (peak - start) / cooldown_steps (0.852 for the record), as the public script does."""
+    low, peak = s.muon_momentum_start, s.muon_momentum
+    fall_start = num_iterations - s.muon_momentum_cooldown_steps
+    if step < s.muon_momentum_warmup_steps:
+        return low + (peak - low) * step / s.muon_momentum_warmup_steps
+    if step > fall_start:
+        return peak + (low - peak) * (step - fall_start) / s.muon_momentum_cooldown_steps
+    return peak
+
+
+def step_plan(step: int, s: Settings) -> StepPlan:
+    """Every scheduled number of step (0 <= step <= num_iterations; num_iterations: the final validation's)."""
+    schedule = stages(s)
+    if not 0 <= step <= schedule.num_iterations:
+        raise ValueError(f"step {step} is outside the run's steps 0..{schedule.num_iterations}")
+    stage = schedule.at(step)
+    fraction = stage.fraction(step)
+    (mtp_start, mtp_end), (prefix_start, prefix_end) = stage.mtp_weights, stage.prefix_weight
+    return StepPlan(
+        step=step, stage=stage.index, batch_tokens=stage.batch_tokens,
+        slot_tokens=stage.batch_tokens // s.slots_per_step, max_doc_len=stage.max_doc_len,
+        lr_factor=lr_factor_at(step, stage, schedule, s),
+        muon_momentum=muon_momentum_at(step, schedule.num_iterations, s),
+        short_window_blocks=stage.windows[0], long_window_blocks=stage.windows[1],
+        mtp_weights=tuple(a + (b - a) * fraction for a, b in zip(mtp_start, mtp_end)),
+        prefix_weight=prefix_start + (prefix_end - prefix_start) * fraction,
+        adam_updates=step % 2 == 1 and step < schedule.num_iterations, untie_after=step == s.split_step)
+
+
+def final_windows(s: Settings) -> tuple[int, int]:
+    """(short, long) blocks of the final validation (its long window widens with no YaRN update, as the record)."""
+    [windows] = parse_windows("final_windows", s.final_windows)
+    return windows
+
+
+def warmup_steps(s: Settings) -> list[int]:
+    """The steps the untimed warm-up trains: 0, 1 and the two steps before and after each stage change (where
+    shapes, windows and the YaRN rotary change)."""
+    schedule = stages(s)
+    changes = [stage.start for stage in schedule.all[1:] if stage.start < schedule.num_iterations]
+    steps = {0, 1} | {change + offset for change in changes for offset in WARMUP_OFFSETS}
+    return sorted(step for step in steps if 0 <= step < schedule.num_iterations)
+
+
+def schedule_table(s: Settings) -> str:
+    """The stages as a printable table, with the schedules that do not follow the stages (for --schedule)."""
+    schedule = stages(s)
+
+    def change(start: float, end: float) -> str:
+        return f"{start:g}" if start == end else f"{start:g}->{end:g}"
+
+    header = ("stage", "steps", "tokens/step", "tokens/slot", "max doc", "windows", "LR mult", "MTP weights",
+              "prefix", "tokens")
+    rows = [header]
+    for stage in (stage for stage in schedule.all if stage.steps):  # an extension of 0 steps is left out
+        name = "extension" if stage is schedule.extension else str(stage.index)
+        rows.append((name, f"{stage.start}-{stage.end - 1} ({stage.steps})", f"{stage.batch_tokens:,}",
+                     f"{stage.batch_tokens // s.slots_per_step:,}", str(stage.max_doc_len),
+                     "/".join(map(str, stage.windows)), f"{stage.lr_multiplier:g}",
+                     ", ".join(change(*pair) for pair in zip(*stage.mtp_weights)), change(*stage.prefix_weight),
+                     f"{stage.batch_tokens * stage.steps:,}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    total_tokens = sum(stage.batch_tokens * stage.steps for stage in schedule.all)
+    final_short, final_long = final_windows(s)
+    lines += [
+        f"total: {schedule.num_iterations:,} steps, {total_tokens:,} tokens; windows are short/long in blocks of "
+        f"{s.block_size} tokens; MTP and prefix weights change linearly within a stage",
+        f"LR factor: the stage's multiplier until step {schedule.cooldown_start}, then blended linearly into "
+        f"{s.lr_floor:g}, reached at step {schedule.scheduled_steps}; {s.lr_floor:g} in the extension",
+        f"Muon momentum: {s.muon_momentum_start:g} -> {s.muon_momentum:g} over steps 0-"
+        f"{s.muon_momentum_warmup_steps}, then {s.muon_momentum:g}; it falls linearly from step "
+        f"{schedule.num_iterations - s.muon_momentum_cooldown_steps} toward {s.muon_momentum_start:g} (reached at "
+        f"step {schedule.num_iterations}, which trains nothing)",
+        f"Adam updates after odd steps; the embedding and the LM head untie after step {s.split_step}",
+        f"validation: {f'every {s.val_every} steps and ' if s.val_every else ''}at step {schedule.num_iterations} "
+        f"(final windows {final_short}/{final_long})",
+        f"warm-up steps: {', '.join(map(str, warmup_steps(s)))}",
+    ]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------
