@@ -115,7 +115,7 @@ PRESETS = {
     # value-embedding gates, MTP and the prefix loss, FP8 emulated. Sizes are the record's / 8.
     "tiny": dict(
         model_dim=48, num_heads=6, head_dim=8, mlp_hidden=192, block_size=16, bigram_buckets=4096,
-        dc_window=14, gate_hidden=16, stage_ends="8,16,24", extension_steps=3, split_step=16,
+        dc_window=14, gate_hidden=16, stage_ends="9,17,25", extension_steps=3, split_step=17,
         stage_batch_tokens="1024,2048,3072", stage_max_doc_len="112,256,256", val_seq_len=2048,
         val_tokens=8192, val_every=8, muon_momentum_warmup_steps=6, muon_momentum_cooldown_steps=2,
     ),
@@ -390,6 +390,9 @@ def check_schedule(s: Settings):
     if not 0 <= s.split_step < schedule.num_iterations:
         raise SettingsError(f"--split_step={s.split_step}: must be a training step, below the run's "
                             f"{schedule.num_iterations} steps")
+    if s.split_step % 2 == 0:
+        raise SettingsError(f"--split_step={s.split_step}: must be odd, a step after which Adam updates (the public "
+                            "recipe's rule), so no half-accumulated gradient is carried across the untie")
     ramps = s.muon_momentum_warmup_steps + s.muon_momentum_cooldown_steps
     if ramps > schedule.num_iterations:
         raise SettingsError(f"--muon_momentum_warmup_steps + --muon_momentum_cooldown_steps = {ramps} exceeds the "
@@ -565,7 +568,7 @@ class LossWeights:
         return row[:len(plan.mtp_weights)], row[-1]
 
 
-def step_loss(model: "GPT", batch: Batch, plan: StepPlan, weights: LossWeights, slot: int,
+def step_loss(model: "GPT", batch: "Batch", plan: StepPlan, weights: LossWeights, slot: int,
               runtime: Runtime) -> Tensor:
     """The training objective of one slot: the summed multi-target loss of section 5 (a sum over tokens, so
     the FP8 gradient scales do not depend on the batch size)."""

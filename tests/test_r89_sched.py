@@ -109,7 +109,7 @@ def test_totals(record):
 def test_final_windows_and_warmup_steps(record, tiny):
     assert R.final_windows(record) == (6, 20)
     assert R.final_windows(tiny) == (6, 20)
-    for s, boundaries, total in ((record, (423, 847, 1270), 1285), (tiny, (8, 16, 24), 27)):
+    for s, boundaries, total in ((record, (423, 847, 1270), 1285), (tiny, (9, 17, 25), 28)):
         expected = {0, 1}
         for boundary in boundaries:
             expected |= {boundary - 2, boundary - 1, boundary, boundary + 1}
@@ -182,6 +182,7 @@ BAD = [
     ("--final_windows=6/20,6/20", "one short/long pair"),
     ("--final_windows=7/6", "must not exceed the long one"),
     ("--split_step=1285", "must be a training step"),
+    ("--split_step=846", "must be odd"),
     ("--muon_momentum_warmup_steps=1236", "must not overlap"),
 ]
 
@@ -195,8 +196,8 @@ def test_check_schedule_errors(argument, message):
 
 
 @pytest.mark.parametrize("argument", [  # the limits themselves are fine
-    "--stage_windows=1/128,3/7,5/11", "--extension_windows=6/384", "--final_windows=20/2048", "--split_step=1284",
-    "--split_step=0", "--muon_momentum_warmup_steps=1235", "--stage_lr=0,1.52,1.73", "--cooldown_frac=1",
+    "--stage_windows=1/128,3/7,5/11", "--extension_windows=6/384", "--final_windows=20/2048", "--split_step=1283",
+    "--split_step=1", "--muon_momentum_warmup_steps=1235", "--stage_lr=0,1.52,1.73", "--cooldown_frac=1",
     "--cooldown_frac=0", "--muon_momentum_warmup_steps=0", "--muon_momentum_cooldown_steps=0",
 ])
 def test_check_schedule_accepts_the_limits(argument):
@@ -224,5 +225,5 @@ def test_schedule_table_mentions_every_stage(record, tiny):
                  "1.73", "0.25->0", "508", "847", "1235"):
         assert fact in table, fact
     tiny_table = R.schedule_table(tiny)
-    for steps in ("0-7 (8)", "8-15 (8)", "16-23 (8)", "24-26 (3)"):
+    for steps in ("0-8 (9)", "9-16 (8)", "17-24 (8)", "25-27 (3)"):
         assert steps in tiny_table
