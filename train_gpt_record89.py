@@ -17,6 +17,9 @@ import functools
 import math
 import os
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from pathlib import Path
 # caching allocator. setdefault, so a user's own setting wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -537,6 +541,237 @@ def schedule_table(s: Settings) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # 7. Data loading (the shard files are read by harness.load_shard)
+# Training: a step is slots_per_step buffers of slot_tokens + 1 tokens, cut in stream order from one shard's
+# documents (each starts at BOS); slot k of a step is rank k % W's micro-batch at micro-step k // W. Every
+# rank cuts all slots of the step from the shard's BOS index, so the data do not depend on the world size.
+# Validation: contiguous sequences of the first val_tokens, documents split at BOS with no length cap.
+
+
+@dataclass
+class Batch:
+    """One micro-batch on the device."""
+    inputs: Tensor  # (L,) int32
+    targets: Tensor  # (L,) int64
+    document_ids: Tensor  # (L,) int32: equal ids = one document piece; the attention masks keep pieces apart
+
+
+def document_ids_of(inputs: Tensor) -> Tensor:
+    """(L,) int32: the cumulative count of BOS, a new id at each document start, computed on the device.
+    A training piece begins at a BOS and holds no other (it ends at the next BOS at the latest), so in
+    training these ids mark exactly the pieces, cuts included."""
+    return torch.cumsum(inputs == BOS, dim=0, dtype=torch.int32)
+
+
+def stage_slot_sizes(s: Settings) -> list[tuple[int, int]]:
+    """(slot_tokens, max_doc_len) of each stage; the extension keeps the last stage's."""
+    batch_tokens = [int(tokens) for tokens in s.stage_batch_tokens.split(",")]
+    caps = [int(cap) for cap in s.stage_max_doc_len.split(",")]
+    return [(tokens // s.slots_per_step, cap) for tokens, cap in zip(batch_tokens, caps)]
+
+
+class IndexedShard:
+    """A training shard's tokens and its documents: each starts at a BOS and runs to the next BOS (the last
+    to the shard's end). Tokens before the first BOS belong to no document and are never used."""
+
+    def __init__(self, path: Path, tokens: Tensor):
+        self.path, self.tokens = path, tokens  # (N,) uint16, pinned on CUDA
+        self.doc_starts = np.flatnonzero(tokens.numpy() == BOS)  # (D,) int64
+        if self.doc_starts.size == 0:
+            raise DataError(f"{path}: no BOS token ({BOS}) in its {tokens.numel():,} tokens, so no document start; "
+                            "make the shard with data/fineweb.py (which writes BOS before every document)")
+        self.doc_lengths = np.diff(self.doc_starts, append=tokens.numel())  # (D,)
+        self.filled_by_cap: dict[int, np.ndarray] = {}
+
+    @property
+    def num_docs(self) -> int:
+        return self.doc_starts.size
+
+    def filled(self, max_doc_len: int) -> np.ndarray:
+        """(D + 1,) int64: tokens in the first j document pieces when pieces are cut at max_doc_len."""
+        if max_doc_len not in self.filled_by_cap:
+            capped = np.minimum(self.doc_lengths, max_doc_len)
+            self.filled_by_cap[max_doc_len] = np.concatenate(([0], np.cumsum(capped)))
+        return self.filled_by_cap[max_doc_len]
+
+    def position(self, doc: int) -> int:
+        """Token position of document doc's BOS (the shard's length past the last document)."""
+        return int(self.doc_starts[doc]) if doc < self.num_docs else self.tokens.numel()
+
+
+Pieces = tuple[np.ndarray, np.ndarray]  # (starts, lengths) of one buffer's document pieces, in order
+
+
+def cut_slot(shard: IndexedShard, doc: int, slot_tokens: int, max_doc_len: int) -> tuple[Pieces, int] | None:
+    """One buffer of slot_tokens + 1 tokens from document doc on: each piece is min(document length,
+    max_doc_len, space left) long. Returns (pieces, the next buffer's first document), or None when the
+    shard's remaining documents cannot fill the buffer. A document's rest after a cut is skipped."""
+    need = slot_tokens + 1
+    filled = shard.filled(max_doc_len)
+    end = int(np.searchsorted(filled, filled[doc] + need))  # documents doc..end-1 reach `need` tokens
+    if end == filled.size:
+        return None
+    lengths = np.minimum(shard.doc_lengths[doc:end], max_doc_len)
+    lengths[-1] -= filled[end] - filled[doc] - need  # the last piece ends where the buffer is full
+    return (shard.doc_starts[doc:end], lengths), end
+
+
+def cut_step(shard: IndexedShard, doc: int, slots: int, slot_tokens: int,
+             max_doc_len: int) -> tuple[list[Pieces], int] | None:
+    """All slots of one step, consecutive in the stream, and the next step's first document; None when
+    they do not fit in the rest of the shard."""
+    step = []
+    for _ in range(slots):
+        cut = cut_slot(shard, doc, slot_tokens, max_doc_len)
+        if cut is None:
+            return None
+        pieces, doc = cut
+        step.append(pieces)
+    return step, doc
+
+
+def index_shard(path: Path, s: Settings, pin_memory: bool) -> IndexedShard:
+    """Reads and indexes a training shard (on the reader thread: the BOS scan stays off the training loop),
+    and checks that it holds one step of every stage from its first document."""
+    shard = IndexedShard(path, harness.load_shard(path, s.vocab_size, pin_memory))
+    for slot_tokens, max_doc_len in stage_slot_sizes(s):
+        if cut_step(shard, 0, s.slots_per_step, slot_tokens, max_doc_len) is None:
+            raise DataError(f"{path}: its {shard.num_docs:,} documents, cut at {max_doc_len} tokens, do not fill one "
+                            f"training step ({s.slots_per_step} buffers of {slot_tokens + 1} tokens); use larger "
+                            "shards or smaller --stage_batch_tokens")
+    return shard
+
+
+class DocumentLoader:
+    """This rank's micro-batches on its device, forever, cycling the files.
+
+    The first next_batch of a step cuts the step's slots_per_step buffers from document `doc` of the
+    current shard; this rank's slots (runtime.slots) are returned by this and the following calls, one
+    per micro-step, all with the same sizes. When the rest of the shard cannot fill the whole step at the
+    step's sizes, the rest is dropped and the step starts at the first document of the next file. Between
+    steps, state() is the whole position in the stream: a loader made with it continues identically, at any
+    world size and whatever sizes the next step has. The next file is read and indexed on a background
+    thread; buffers cross to the GPU as uint16 from pinned memory, without a host sync.
+    """
+
+    def __init__(self, files: list[Path], s: Settings, runtime: Runtime, state: dict | None = None):
+        self.files, self.s, self.runtime = files, s, runtime
+        self.my_slots = list(runtime.slots(s))
+        self.pin_memory = runtime.device.type == "cuda"
+        self.file_index = state["file_index"] if state else 0
+        if state:
+            listed = files[self.file_index].name if self.file_index < len(files) else "nothing"
+            if listed != state["file"]:
+                raise DataError(f"the checkpoint's training data position is in {state['file']} (file "
+                                f"{self.file_index} of --train_files), but --train_files lists {listed} there; give "
+                                "the checkpointed run's training files")
+        self.shard = index_shard(files[self.file_index], s, self.pin_memory)
+        self.doc = self.resume_doc(state["position"]) if state else 0
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
+        self.next_shard = self.read_ahead()
+        self.step_slots: list[Pieces] = []  # this rank's slots of the current step not yet returned
+        self.step_sizes: tuple[int, int] | None = None
+
+    def resume_doc(self, position: int) -> int:
+        doc = int(np.searchsorted(self.shard.doc_starts, position))
+        if self.shard.position(doc) != position:
+            raise DataError(f"{self.shard.path}: the checkpoint's training data position {position} is not a document "
+                            "start in this file, so it changed since the checkpoint; give the checkpointed run's files")
+        return doc
+
+    def read_ahead(self) -> Future:
+        next_file = self.files[(self.file_index + 1) % len(self.files)]
+        return self.reader.submit(index_shard, next_file, self.s, self.pin_memory)
+
+    def start_step(self, slot_tokens: int, max_doc_len: int):
+        cut = cut_step(self.shard, self.doc, self.s.slots_per_step, slot_tokens, max_doc_len)
+        if cut is None:  # the shard's rest cannot fill this step: drop it
+            self.file_index = (self.file_index + 1) % len(self.files)
+            self.shard, self.doc = self.next_shard.result(), 0
+            self.next_shard = self.read_ahead()
+            cut = cut_step(self.shard, self.doc, self.s.slots_per_step, slot_tokens, max_doc_len)
+            if cut is None:  # index_shard checked the settings' stages; these sizes are another's
+                raise DataError(f"{self.shard.path}: its documents, cut at {max_doc_len} tokens, do not fill one "
+                                f"training step ({self.s.slots_per_step} buffers of {slot_tokens + 1} tokens); "
+                                "use larger shards")
+        step, self.doc = cut
+        self.step_slots = [step[slot] for slot in self.my_slots]
+        self.step_sizes = (slot_tokens, max_doc_len)
+
+    def next_batch(self, slot_tokens: int, max_doc_len: int) -> Batch:
+        """This rank's next slot of the current step: slot_tokens inputs, their targets and document ids."""
+        if not self.step_slots:
+            self.start_step(slot_tokens, max_doc_len)
+        elif (slot_tokens, max_doc_len) != self.step_sizes:
+            raise ValueError(f"next_batch({slot_tokens}, {max_doc_len}) within a step cut at {self.step_sizes}")
+        starts, lengths = self.step_slots.pop(0)
+        # buffer position p of piece k holds token starts[k] + (p - offset of piece k)
+        offsets = np.cumsum(lengths) - lengths
+        index = np.repeat(starts - offsets, lengths) + np.arange(slot_tokens + 1)  # (slot_tokens + 1,)
+        buffer = torch.empty(slot_tokens + 1, dtype=torch.uint16, pin_memory=self.pin_memory)
+        np.take(self.shard.tokens.numpy(), index, out=buffer.numpy())
+        # the caching host allocator keeps the pinned buffer until the copy has run, so it is safe to drop
+        buffer = buffer.to(self.runtime.device, non_blocking=True)
+        inputs = buffer[:-1].to(torch.int32)
+        return Batch(inputs, buffer[1:].to(torch.int64), document_ids_of(inputs))
+
+    def state(self) -> dict:
+        """The position in the stream between steps (plain numbers and a file name, for checkpoints)."""
+        if self.step_slots:
+            raise RuntimeError("DocumentLoader.state() in the middle of a step; call it between optimizer steps")
+        return dict(file_index=self.file_index, file=self.shard.path.name, position=self.shard.position(self.doc))
+
+
+def load_val_tokens(files: list[Path], s: Settings) -> Tensor:
+    """The first val_tokens + 1 tokens (int32) of the concatenated validation files (+1 for the last target)."""
+    needed = s.val_tokens + 1
+    parts, have = [], 0
+    for path in files:
+        if have >= needed:
+            break
+        parts.append(harness.load_shard(path, s.vocab_size)[:needed - have])
+        have += parts[-1].numel()
+    names = ", ".join(str(path) for path in files)
+    if have < s.val_seq_len + 1:
+        raise DataError(f"{names}: {have:,} validation tokens, fewer than one validation sequence "
+                        f"(--val_seq_len={s.val_seq_len} + 1); add validation data or lower --val_seq_len")
+    if have < needed:
+        usable = (have - 1) // s.val_seq_len * s.val_seq_len
+        raise DataError(f"{names}: {have:,} validation tokens, fewer than --val_tokens={s.val_tokens} + 1; "
+                        f"use --val_tokens={usable} or less (a multiple of --val_seq_len) or add validation data")
+    return torch.cat(parts).to(torch.int32)
+
+
+def validation_batches(val_tokens: Tensor, s: Settings, runtime: Runtime) -> Iterator[Batch]:
+    """This rank's share of the validation tokens: sequence i (val_seq_len tokens, +1 for the last target)
+    goes to rank i % W; documents are split at every BOS with no length cap."""
+    seq_len = s.val_seq_len
+    for i in range(runtime.rank, s.val_tokens // seq_len, runtime.world_size):
+        window = val_tokens[i * seq_len:(i + 1) * seq_len + 1].to(runtime.device, non_blocking=True)  # (T+1,)
+        inputs = window[:-1]
+        yield Batch(inputs, window[1:].to(torch.int64), document_ids_of(inputs))
+
+
+def check_train_files(files: list[Path], s: Settings):
+    """Every training shard's header, up front: each must hold at least the tokens of one step of every
+    stage (whether its documents fill one is checked when the loader reads it)."""
+    for path in files:
+        num_tokens = harness.read_shard_header(path)
+        for slot_tokens, _ in stage_slot_sizes(s):
+            if num_tokens < s.slots_per_step * (slot_tokens + 1):
+                raise DataError(f"{path}: holds {num_tokens:,} tokens, fewer than one training step needs "
+                                f"({s.slots_per_step} buffers of {slot_tokens + 1} tokens); use larger shards or "
+                                "smaller --stage_batch_tokens")
+
+
+def check_data(s: Settings, is_main: bool = True) -> tuple[list[Path], Tensor]:
+    """Training files (headers), validation tokens (loaded, range-checked) and their overlap, before anything
+    is built. Returns (training files, validation tokens)."""
+    train_files = harness.find_shards(s.train_files, "train_files")
+    val_files = harness.find_shards(s.val_files, "val_files")
+    check_train_files(train_files, s)
+    val_tokens = load_val_tokens(val_files, s)
+    harness.check_val_not_in_train(s, is_main)
+    return train_files, val_tokens
 
 
 # ----------------------------------------------------------------------------------------------------
