@@ -10,7 +10,9 @@ same figures in DIR/benchmark.json:
   2. the device's ceilings (a large matmul, a device copy), the model's FLOPs per token counted from the
      shapes, and the MFU against the measured matmul ceiling;
   3. a breakdown of one micro-step into components timed in isolation, against the whole measured step;
-  4. a learning proxy: a short run of the default recipe on enwiki with fixed settings (constants below).
+  4. a learning proxy: a short run of the default recipe on enwiki with fixed settings (constants below);
+  5. the data loaders on the CPU, record 21's TrainLoader against record 89's DocumentLoader: batches per
+     second, and the share of its time a consumer with fixed work per batch waits for them.
 Every figure is tagged with the device, torch version, git commit and command line.
 
 Sections, top to bottom:
@@ -43,6 +45,7 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 import harness as H  # noqa: E402
 import train_gpt as T  # noqa: E402
+import train_gpt_record89 as R89  # noqa: E402
 from data import testdata  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,6 +63,10 @@ def default_data() -> tuple[str, str] | str:
 
 
 PREDICTED_WORLD_SIZE = 8  # the record's GPU count
+# Data loaders: enough 48K-token batches to pass a 16M-token enwiki shard (~320 of them) and so include a
+# shard switch; the consumer's simulated work per batch stands for the device's step (the host is free then).
+LOADER_BATCHES = 400
+LOADER_CONSUMER_WORK_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -386,6 +393,50 @@ def derive_figures(results: dict):
             step["predicted_mfu_percent"] = 100 * step["predicted_tflops_per_device"] / ceilings["matmul"]["tflops"]
 
 
+def consume(next_batch, batches: int, work_s: float) -> tuple[float, float]:
+    """(batches per second, share of the wall time spent inside next_batch) of a consumer that sleeps
+    work_s after each batch (a sleep leaves the loader's reader thread the CPU, as a device step would)."""
+    waiting = 0.0
+    started = time.perf_counter()
+    for _ in range(batches):
+        asked = time.perf_counter()
+        next_batch()
+        waiting += time.perf_counter() - asked
+        time.sleep(work_s)
+    total = time.perf_counter() - started
+    return batches / total, waiting / total
+
+
+def compare_data_loaders(train_files: str) -> dict:
+    """Record 21's TrainLoader (48K-token sequences, 8 per step) and record 89's DocumentLoader (its last
+    stage: 8 slots of 48K tokens, documents cut at 2,048) on the CPU, each run twice from a fresh loader:
+    as fast as the consumer can take batches, and with LOADER_CONSUMER_WORK_S of work per batch. The first
+    shard's load (in the constructors) is not timed; the read-ahead and the switch to the next shard are."""
+    cpu = torch.device("cpu")
+    files = T.find_shards(train_files, "train_files")
+    old_settings = T.parse_settings(["--device=cpu", f"--train_files={train_files}"])
+    old_runtime = T.Runtime(0, 1, cpu, "sdpa", old_settings.train_batch_tokens // old_settings.train_seq_len)
+    new_settings = dataclasses.replace(R89.Settings(), train_files=train_files)
+    new_runtime = R89.Runtime(0, 1, cpu, "explicit", fp8=False)
+    slot_tokens, max_doc_len = R89.stage_slot_sizes(new_settings)[-1]
+
+    def old_loader():
+        batches = T.TrainLoader(files, old_settings, old_runtime)
+        return lambda: next(batches)
+
+    def new_loader():
+        loader = R89.DocumentLoader(files, new_settings, new_runtime)
+        return lambda: loader.next_batch(slot_tokens, max_doc_len)
+
+    figures = dict(batches=LOADER_BATCHES, consumer_work_ms=1e3 * LOADER_CONSUMER_WORK_S,
+                   tokens_per_batch=old_settings.train_seq_len, max_doc_len=max_doc_len)
+    for name, make_loader in (("old", old_loader), ("new", new_loader)):
+        figures[f"{name}_batches_per_s"], _ = consume(make_loader(), LOADER_BATCHES, 0.0)
+        _, waiting = consume(make_loader(), LOADER_BATCHES, LOADER_CONSUMER_WORK_S)
+        figures[f"{name}_wait_percent"] = 100 * waiting
+    return figures
+
+
 # ----------------------------------------------------------------------------------------------------
 # 7. Component breakdown
 # Pieces of the model timed in isolation on inputs of the micro-batch's shape (forward + backward, gradients
@@ -556,6 +607,13 @@ FIGURES = [
      "({step[micro_batches_per_rank]} micro-batch/rank + optimizer share), communication unmeasured", "ms"),
     ("step.predicted_total_s", "predicted training time, {step[num_iterations]} steps", "s"),
     ("step.predicted_mfu_percent", "predicted MFU per device", "%"),
+    ("loaders.old_batches_per_s", "data loader, record 21 TrainLoader: {loaders[tokens_per_batch]}-token batches "
+     "per second, CPU, consumer without work", "batches/s"),
+    ("loaders.new_batches_per_s", "data loader, record 89 DocumentLoader: same, last stage (documents cut at "
+     "{loaders[max_doc_len]})", "batches/s"),
+    ("loaders.old_wait_percent", "data loader, record 21: consumer's time waiting, {loaders[consumer_work_ms]} ms "
+     "work per batch, {loaders[batches]} batches incl. a shard switch", "%"),
+    ("loaders.new_wait_percent", "data loader, record 89: consumer's time waiting, same", "%"),
     ("learning_proxy.initial_val_loss", "learning proxy: val loss at step 0", "nats"),
     ("learning_proxy.final_val_loss", "learning proxy: final val loss, after {learning_proxy[tokens]} training tokens",
      "nats"),
@@ -743,6 +801,8 @@ def main(argv: list[str], command: str | None = None) -> int:
     del bench
     if runtime.device.type == "cuda":
         torch.cuda.empty_cache()
+    run_section(results, "loaders", lambda: compare_data_loaders(args.train_files))
+    write_report(results, out)
     if not args.skip_proxy:
         run_section(results, "learning_proxy",
                     lambda: learning_proxy(proxy_settings(mode, args.train_files, args.val_files, out)))

@@ -208,6 +208,27 @@ def test_validation_batches_cover_the_same_sequences_on_any_world_size(shards, w
     assert any(batch.document_ids[0] == 0 for batch in one_rank), "a sequence must start inside a document"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batches_equal_the_cpu_batches_without_a_host_sync(shards):
+    """On CUDA: pinned buffers, non-blocking copies and document ids on the device; a host sync raises."""
+    s, _ = shards
+    files = R.harness.find_shards(s.train_files, "train_files")
+    _, val_tokens = R.check_data(s)
+    cuda = R.Runtime(0, 1, torch.device("cuda", 0), "flex", False)
+    on_cpu, on_cuda = R.DocumentLoader(files, s, runtime()), R.DocumentLoader(files, s, cuda)
+    expected = [on_cpu.next_batch(*sizes) for sizes in SCHEDULE for _ in range(SLOTS)]
+    expected += list(R.validation_batches(val_tokens, s, runtime()))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [on_cuda.next_batch(*sizes) for sizes in SCHEDULE for _ in range(SLOTS)]
+        got += list(R.validation_batches(val_tokens, s, cuda))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for batch, reference in zip(got, expected, strict=True):
+        assert batch.inputs.device.type == "cuda"
+        assert_same_batch(R.Batch(batch.inputs.cpu(), batch.targets.cpu(), batch.document_ids.cpu()), reference)
+
+
 def test_check_data_returns_the_files_and_validation_tokens(shards, tmp_path):
     s, _ = shards
     train_files, val_tokens = R.check_data(s)
