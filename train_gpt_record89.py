@@ -19,7 +19,6 @@ import os
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from dataclasses import dataclass, replace
 from pathlib import Path
 
