@@ -563,9 +563,7 @@ def document_ids_of(inputs: Tensor) -> Tensor:
 
 def stage_slot_sizes(s: Settings) -> list[tuple[int, int]]:
     """(slot_tokens, max_doc_len) of each stage; the extension keeps the last stage's."""
-    batch_tokens = [int(tokens) for tokens in s.stage_batch_tokens.split(",")]
-    caps = [int(cap) for cap in s.stage_max_doc_len.split(",")]
-    return [(tokens // s.slots_per_step, cap) for tokens, cap in zip(batch_tokens, caps)]
+    return [(stage.batch_tokens // s.slots_per_step, stage.max_doc_len) for stage in stages(s).scheduled]
 
 
 class IndexedShard:
