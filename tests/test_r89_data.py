@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 
 
 def settings(tmp_path, **overrides) -> R.Settings:
-    values = dict(slots_per_step=SLOTS, stage_batch_tokens=",".join(map(str, BATCH_TOKENS)),
+    values = dict(slots_per_step=SLOTS, block_size=1, stage_batch_tokens=",".join(map(str, BATCH_TOKENS)),
                   stage_max_doc_len=",".join(map(str, MAX_DOC_LENS)), val_seq_len=32, val_tokens=128,
                   train_files=str(tmp_path / "train_*.bin"), val_files=str(tmp_path / "val_*.bin"))
     return dataclasses.replace(R.Settings(), **{**values, **overrides})
