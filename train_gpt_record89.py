@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import harness
@@ -200,6 +201,357 @@ def divisors(n: int) -> list[int]:
 
 
 # 4b. The network: embeddings (tied head, smear, bigram hash, value embeddings), MUDD gates, the 11 layers
+# Fact sheet 2.1-2.4 and 2.6. Layer i's update, for i != 6, 10 (a: attention input, b: signed bigram vector):
+#   x = r[i,0] x + p[i,0] Attn(norm(a)) + g_x0 x0 (+ g_b b for i > 0);  x = r[i,1] x + p[i,1] MLP(norm(x))
+# Layer 6 has no attention (a gated skip from layer 3 instead); layer 10 is mixed by MUDD0 and the final
+# residual by MUDD1. Per-token gates come from two small gate networks: the pre gate (on x0) serves layers
+# 0-3, the post gate (on x at the start of layer 4) serves layers 4-10.
+
+NUM_LAYERS = 11
+SKIP_LAYER = 6  # no attention: x += sigmoid(skip lambda) * skip gate * cache[3]
+CACHED_LAYERS = (3, 7)  # residual snapshots after these layers' MLPs
+LAYER7_READERS = (8, 9, 10)  # attend from norm(cache[7]) instead of norm(x)
+POST_GATE_LAYER = 4  # the post gate reads x at the start of this layer
+MUDD_LAYER = 10
+
+RESID_LAMBDA_INIT = 1.1**0.5
+POST_LAMBDA_INIT = 1.0
+# scalars (24,): (Q/K/V, O) lambdas of layer i at [2i, 2i+1], then the smear and the skip lambdas
+ATTENTION_LAMBDAS_INIT = (0.5, 1.0)
+SMEAR_LAMBDA, SKIP_LAMBDA = 2 * NUM_LAYERS, 2 * NUM_LAYERS + 1
+SMEAR_LAMBDA_INIT, SKIP_LAMBDA_INIT = 0.0, -1.5
+NUM_SCALARS = 2 * NUM_LAYERS + 2
+
+HEAD_INIT_STD = 0.005  # tied LM head / token embedding
+VALUE_EMBED_INIT_STD = 0.01
+MATRIX_INIT_STD = 0.5  # times 1/sqrt(fan_in): uniform init of c_fc (and Q/K/V/O in 4a)
+SMEAR_GATE_INPUTS = 12  # the smear gate reads e_t[:12]
+
+# Bigram hash (fact sheet 2.2): h_t = ((36313 x_t) XOR (27191 x_{t-1})) mod (buckets - 1), h_0 = buckets - 1;
+# the looked-up row is multiplied by a +-1 sign row (x_{t-1} XOR x_t) mod 8192 (row 0 at t = 0).
+BIGRAM_MULTIPLIERS = (36313, 27191)  # of x_t, x_{t-1}
+SIGN_ROWS = 8192
+SIGN_MULTIPLIERS = (1, 1)
+
+# Value embeddings: table k of value_embeds (rows k*V .. (k+1)*V - 1) feeds layer VALUE_EMBED_LAYERS[k]. Layers
+# 1, 2, 8, 9 gate it per head with ve_gate_bank[k]: 2 sigmoid([a[:6], ve[:6]] G_k^T); layer 10's gate comes
+# from MUDD0 (ve_gate_bank[4] is not read: the public script keeps it).
+VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)
+VE_GATE_INPUTS = 6  # dims of the attention input and of the value embedding the gate reads
+
+# MUDD gate networks: (GELU(z W1^T) W2^T + b2) * scale, W2 zero at init, so each output starts at its init
+# value; b2 is stored divided by the scale. The pre and post gates learn their scale; MUDD0/1 use it fixed.
+GATE_SCALE_INIT = 0.1
+PRE_GATE_OUTPUTS, POST_GATE_OUTPUTS = 26, 41
+# Where each per-token gate is read: (gate network, its output columns).
+XSA_ALPHA_COLUMNS = {1: ("pre", slice(0, 6)), 3: ("pre", slice(6, 12)),
+                     4: ("post", slice(0, 6)), 7: ("post", slice(6, 12))}  # XSA coefficient tanh(alpha)
+OUTPUT_GATE_COLUMNS = {3: ("pre", slice(12, 18)), 10: ("post", slice(12, 18))}
+INJECTED_LAYERS = {"pre": (0, 1, 2, 3), "post": (4, 5, 7, 8, 9)}  # the j-th: x0 gate at 18+2j, bigram 19+2j
+INJECTION_FIRST_COLUMN = 18
+X0_GATE_COLUMNS = {layer: (net, slice(INJECTION_FIRST_COLUMN + 2 * j, INJECTION_FIRST_COLUMN + 2 * j + 1))
+                   for net, layers in INJECTED_LAYERS.items() for j, layer in enumerate(layers)}
+BIGRAM_GATE_COLUMNS = {layer: (net, slice(columns.start + 1, columns.stop + 1))
+                       for layer, (net, columns) in X0_GATE_COLUMNS.items()}
+SKIP_GATE_COLUMNS = ("post", slice(28, 29))
+DC_W1_COLUMNS, DC_W2_COLUMNS = ("post", slice(29, 35)), ("post", slice(35, 41))  # layer 10's DC weights
+OUTPUT_GATE_INIT, BIGRAM_GATE_INIT, SKIP_GATE_INIT, DC_W1_INIT = 0.25, 0.05, 0.5, 1.0  # the other gates: 0
+
+# MUDD0: 14 per-token coefficients mu for layer 10 (cache0: layer 0's input, cache7: after layer 7, x: layer
+# 10's input). v_mudd = mu0 cache0 + mu1 cache7 + mu2 x;  x <- (1 + mu5) x + mu3 cache0 + mu4 cache7;
+# aux_v = (mu6 on heads 0-2, mu7 on heads 3-5) ve_4 + v_mudd;  after attention y:
+# x <- mu8 x + mu9 y + mu10 cache0 + mu11 b;  after the MLP: x <- mu12 x + mu13 MLP(norm(x)).
+(MU_V_CACHE0, MU_V_CACHE7, MU_V_X, MU_X_CACHE0, MU_X_CACHE7, MU_X_EXTRA, MU_VE_FIRST_HEADS, MU_VE_LAST_HEADS,
+ MU_ATTN_X, MU_ATTN_Y, MU_ATTN_CACHE0, MU_ATTN_BIGRAM, MU_MLP_X, MU_MLP_Y) = range(14)
+MUDD0_INIT = {MU_VE_FIRST_HEADS: 2.0, MU_VE_LAST_HEADS: 2.0, MU_ATTN_X: RESID_LAMBDA_INIT, MU_ATTN_Y: 1.0,
+              MU_ATTN_BIGRAM: BIGRAM_GATE_INIT, MU_MLP_X: RESID_LAMBDA_INIT, MU_MLP_Y: 1.0}
+MUDD0_OUTPUTS = 14
+# MUDD1, after the loop: x += nu0 cache0 + nu1 cache7 + nu2 cache9 + nu3 ve_0 + nu4 cache3 (cache9: layer 10's
+# input). nu1 starts at -0.5: the earlier records' "backout" of the layer-7 residual.
+NU_CACHE0, NU_CACHE7, NU_CACHE9, NU_VE0, NU_CACHE3 = range(5)
+MUDD1_INIT = {NU_CACHE7: -0.5}
+MUDD1_OUTPUTS = 5
+
+# Kept in fp32 on the GPU (fact sheet 2.8); every other parameter is bf16 there.
+FP32_PARAMETERS = ("scalars", "resid_lambdas", "post_lambdas", "pre_gate.scale", "post_gate.scale")
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    # no eps, as the public script: PyTorch then uses finfo(float32).eps, also for bf16 input (fact sheet 2.1)
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+def uniform_init_(weight: Tensor, std_times_sqrt_fan_in: float) -> Tensor:
+    """U(-b, b) with b = sqrt(3) * std: std = std_times_sqrt_fan_in / sqrt(fan_in), fan_in = the last dim."""
+    bound = 3**0.5 * std_times_sqrt_fan_in / weight.size(-1) ** 0.5
+    return weight.uniform_(-bound, bound)
+
+
+def ngram_hash(inputs: Tensor, multipliers: tuple[int, ...], modulus: int, missing: int) -> Tensor:
+    """(XOR over k of multipliers[k] * x_{t-k}) mod modulus for every position t of inputs (T,), in int32 (the
+    products wrap around as on the GPU; the remainder is non-negative). The first len(multipliers) - 1
+    positions, short of history, get `missing`. Over the packed stream: it crosses documents, as the public
+    script's. Returns (T,) int32."""
+    tokens = inputs.to(torch.int32)
+    length, history = tokens.numel(), len(multipliers) - 1
+    mixed = tokens[history:] * multipliers[0]
+    for k in range(1, history + 1):
+        mixed = mixed ^ (tokens[history - k:length - k] * multipliers[k])
+    return torch.cat([tokens.new_full((min(history, length),), missing), torch.remainder(mixed, modulus)])
+
+
+def bigram_hash(inputs: Tensor, buckets: int) -> Tensor:
+    """The bigram table's row of every position of inputs (T,): (T,) int32 in [0, buckets)."""
+    return ngram_hash(inputs, BIGRAM_MULTIPLIERS, buckets - 1, missing=buckets - 1)
+
+
+def bigram_sign_rows(inputs: Tensor) -> Tensor:
+    """The sign table's row of every position of inputs (T,): (T,) int32 in [0, SIGN_ROWS)."""
+    return ngram_hash(inputs, SIGN_MULTIPLIERS, SIGN_ROWS, missing=0)
+
+
+def bigram_sign_table(seed: int, dim: int) -> Tensor:
+    """(SIGN_ROWS, dim) of +-1 from a generator of its own: the same table on every rank without a broadcast
+    (the public script's is unseeded and broadcast), and the other initialisations keep their random stream."""
+    generator = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 2, (SIGN_ROWS, dim), generator=generator, device="cpu")
+    return (2 * bits - 1).float()
+
+
+def smear(e: Tensor, gate_weight: Tensor, smear_lambda: Tensor) -> Tensor:
+    """e (T, d): e_t + lambda * sigmoid(w . e_t[:12]) * e_{t-1} for t >= 1. Crosses document boundaries, as the
+    public script does."""
+    gate = torch.sigmoid(F.linear(e[1:, :SMEAR_GATE_INPUTS], gate_weight))  # (T - 1, 1)
+    return torch.cat([e[:1], e[1:] + smear_lambda * gate * e[:-1]])
+
+
+def relu_square_mlp(x: Tensor, fc: Tensor, proj: Tensor) -> Tensor:
+    """relu(x fc^T)^2 proj for the normed x (T, d); fc, proj (hidden, d), proj used without a transpose."""
+    return F.relu(F.linear(x, fc)).square() @ proj
+
+
+class GateNetwork(nn.Module):
+    """Per-token gates (T, outputs) from z (T, d): (GELU(z W1^T) W2^T + b2) * scale. W1 is Kaiming-uniform
+    (U(+-1/sqrt(d))), W2 zero: at init every output equals its init value, whatever z."""
+
+    def __init__(self, dim: int, hidden: int, init_values: Tensor, learnable_scale: bool):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(hidden, dim).uniform_(-dim**-0.5, dim**-0.5))
+        self.w2 = nn.Parameter(torch.zeros(len(init_values), hidden))
+        self.b2 = nn.Parameter(init_values / GATE_SCALE_INIT)  # stored divided by the scale
+        if learnable_scale:
+            self.scale = nn.Parameter(torch.tensor(GATE_SCALE_INIT))
+        else:
+            self.scale = GATE_SCALE_INIT
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.linear(F.gelu(F.linear(z, self.w1)), self.w2, self.b2) * self.scale
+
+
+def gate_init_values(net: str, outputs: int) -> Tensor:
+    """(outputs,) the init value of each output of the pre or the post gate, from the column tables above."""
+    values = torch.zeros(outputs)
+    assignments = [(OUTPUT_GATE_COLUMNS.values(), OUTPUT_GATE_INIT), (BIGRAM_GATE_COLUMNS.values(), BIGRAM_GATE_INIT),
+                   ([SKIP_GATE_COLUMNS], SKIP_GATE_INIT), ([DC_W1_COLUMNS], DC_W1_INIT)]
+    for places, value in assignments:
+        for place_net, columns in places:
+            if place_net == net:
+                values[columns] = value
+    return values
+
+
+def coefficient_init_values(init: dict[int, float], outputs: int) -> Tensor:
+    return torch.tensor([init.get(k, 0.0) for k in range(outputs)])
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Parameter(uniform_init_(torch.empty(hidden, dim), MATRIX_INIT_STD))
+        self.proj = nn.Parameter(torch.zeros(hidden, dim))  # (hidden, d): out = relu(x fc^T)^2 proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        return relu_square_mlp(x, self.fc, self.proj)
+
+
+class Block(nn.Module):
+    """Layer i's weights: attention (none on layer 6) and the MLP; the update itself is GPT.layer."""
+
+    def __init__(self, s: Settings, layer: int):
+        super().__init__()
+        self.attn = None if layer == SKIP_LAYER else CausalSelfAttention(s, layer)
+        self.mlp = MLP(s.model_dim, s.mlp_hidden)
+
+
+@dataclass
+class LayerInputs:
+    """What the layers read besides the residual x, for one forward over T tokens."""
+    x0: Tensor  # (T, d) normed smeared token embedding
+    bigram: Tensor  # (T, d) signed bigram vector b
+    value_embeds: Tensor  # (5, T, d): table k feeds layer VALUE_EMBED_LAYERS[k]
+    pre_gates: Tensor  # (T, PRE_GATE_OUTPUTS)
+    masks: object  # attention_masks(...) for this batch
+    slot: int  # the accumulation slot: selects the FP8 MLP scale state once the MLP runs through section 5
+    caches: dict[int, Tensor]  # residual snapshots: 0 (layer 0's input), 3, 7 (after their MLPs), 9
+    post_gates: Tensor | None = None  # (T, POST_GATE_OUTPUTS), from the start of layer 4
+
+    def gate(self, place: tuple[str, slice]) -> Tensor:
+        net, columns = place
+        return (self.pre_gates if net == "pre" else self.post_gates)[:, columns]
+
+
+class GPT(nn.Module):
+    def __init__(self, s: Settings, attention_backend: str):
+        super().__init__()
+        self.block_size, self.attention_backend = s.block_size, attention_backend
+        self.num_heads, self.head_dim, self.bigram_buckets = s.num_heads, s.head_dim, s.bigram_buckets
+        dim, vocab = s.model_dim, padded_vocab_size(s.vocab_size)
+        self.lm_head = nn.Parameter(torch.empty(dim, vocab).normal_(0.0, HEAD_INIT_STD))  # (d, V)
+        # The token embedding is lm_head^T while tied (its gradient flows into lm_head); untie() fills embed.
+        self.embed = nn.Parameter(self.lm_head.detach().T.clone())  # (V, d)
+        self.register_buffer("tied", torch.tensor(True))
+        self.embedding_is_head = True  # Python copy of `tied`: the forward branches on it without a device read
+        self.register_load_state_dict_post_hook(GPT._read_tied)
+        self.bigram_embed = nn.Parameter(torch.zeros(s.bigram_buckets, dim))
+        self.register_buffer("bigram_signs", bigram_sign_table(s.seed, dim).to(torch.get_default_device()))
+        self.value_embeds = nn.Parameter(torch.randn(len(VALUE_EMBED_LAYERS) * vocab, dim) * VALUE_EMBED_INIT_STD)
+        self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_INPUTS))
+        scalars = torch.tensor(ATTENTION_LAMBDAS_INIT * NUM_LAYERS + (SMEAR_LAMBDA_INIT, SKIP_LAMBDA_INIT))
+        self.scalars = nn.Parameter(scalars)
+        self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), RESID_LAMBDA_INIT))  # (attention, MLP)
+        self.post_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), POST_LAMBDA_INIT))
+        self.ve_gate_bank = nn.Parameter(torch.zeros(len(VALUE_EMBED_LAYERS), s.num_heads, 2 * VE_GATE_INPUTS))
+        self.pre_gate = GateNetwork(dim, s.gate_hidden, gate_init_values("pre", PRE_GATE_OUTPUTS), True)
+        self.post_gate = GateNetwork(dim, s.gate_hidden, gate_init_values("post", POST_GATE_OUTPUTS), True)
+        self.mudd0 = GateNetwork(dim, s.gate_hidden, coefficient_init_values(MUDD0_INIT, MUDD0_OUTPUTS), False)
+        self.mudd1 = GateNetwork(dim, s.gate_hidden, coefficient_init_values(MUDD1_INIT, MUDD1_OUTPUTS), False)
+        self.blocks = nn.ModuleList(Block(s, i) for i in range(NUM_LAYERS))
+
+    @staticmethod
+    def _read_tied(module: "GPT", incompatible_keys):
+        module.embedding_is_head = bool(module.tied)  # a loaded checkpoint decides (one device read, at load)
+
+    def untie(self):
+        """From now on the token embedding is its own parameter, starting as lm_head^T."""
+        if not self.embedding_is_head:
+            raise RuntimeError("the embedding and the LM head are already untied")
+        with torch.no_grad():
+            self.embed.copy_(self.lm_head.T)
+            self.tied.fill_(False)
+        self.embedding_is_head = False
+
+    def masks_for(self, batch, short_blocks: int, long_blocks: int):
+        return attention_masks(batch.document_ids, short_blocks, long_blocks, self.block_size, self.attention_backend)
+
+    def hidden(self, batch, masks, slot: int) -> Tensor:
+        """The normed final hidden states (T, d) of batch.inputs (T,)."""
+        x, inputs = self.embed_inputs(batch.inputs, masks, slot)
+        for i in range(NUM_LAYERS):
+            x = self.layer(i, x, inputs)
+        return rms_norm(self.final_mix(x, inputs))
+
+    def embed_inputs(self, tokens: Tensor, masks, slot: int) -> tuple[Tensor, LayerInputs]:
+        """Layer 0's input x = x0 + g_b b (T, d), and what the layers read."""
+        table = self.lm_head.T if self.embedding_is_head else self.embed  # (V, d)
+        x0 = rms_norm(smear(F.embedding(tokens, table), self.smear_gate, self.scalars[SMEAR_LAMBDA]))
+        bigram = (F.embedding(bigram_hash(tokens, self.bigram_buckets), self.bigram_embed)
+                  * F.embedding(bigram_sign_rows(tokens), self.bigram_signs))
+        vocab = self.lm_head.size(1)
+        table_offsets = torch.arange(len(VALUE_EMBED_LAYERS), device=tokens.device)[:, None] * vocab
+        value_embeds = F.embedding(tokens[None, :] + table_offsets, self.value_embeds)  # (5, T, d)
+        inputs = LayerInputs(x0, bigram, value_embeds, self.pre_gate(x0), masks, slot, caches={})
+        x = inputs.caches[0] = x0 + inputs.gate(BIGRAM_GATE_COLUMNS[0]) * bigram
+        return x, inputs
+
+    def layer(self, i: int, x: Tensor, inputs: LayerInputs) -> Tensor:
+        """Layer i's update of the residual x (T, d); records the post gate and the caches on the way."""
+        if i == POST_GATE_LAYER:
+            inputs.post_gates = self.post_gate(x)
+        if i == MUDD_LAYER:
+            return self.mudd_layer(x, inputs)
+        if i == SKIP_LAYER:
+            skip_weight = torch.sigmoid(self.scalars[SKIP_LAMBDA]) * inputs.gate(SKIP_GATE_COLUMNS)
+            x = x + skip_weight * inputs.caches[3]
+        else:
+            a = rms_norm(inputs.caches[7] if i in LAYER7_READERS else x)
+            y = self.attention(i, a, inputs, self.value_addition(i, a, inputs))
+            x = (self.resid_lambdas[i, 0] * x + self.post_lambdas[i, 0] * y
+                 + inputs.gate(X0_GATE_COLUMNS[i]) * inputs.x0)
+            if i > 0:  # layer 0's bigram vector is in its input already
+                x = x + inputs.gate(BIGRAM_GATE_COLUMNS[i]) * inputs.bigram
+        x = self.resid_lambdas[i, 1] * x + self.post_lambdas[i, 1] * self.blocks[i].mlp(rms_norm(x))
+        if i in CACHED_LAYERS:
+            inputs.caches[i] = x
+        return x
+
+    def attention(self, i: int, a: Tensor, inputs: LayerInputs, aux_v: Tensor | None) -> Tensor:
+        """Layer i's attention on the normed input a (T, d), with the per-token gates it takes."""
+        def columns(table: dict) -> Tensor | None:
+            return inputs.gate(table[i]) if i in table else None
+
+        dc = (inputs.gate(DC_W1_COLUMNS), inputs.gate(DC_W2_COLUMNS)) if i == MUDD_LAYER else (None, None)
+        return self.blocks[i].attn(a, inputs.masks, xsa_alpha=columns(XSA_ALPHA_COLUMNS),
+                                   output_gate=columns(OUTPUT_GATE_COLUMNS), dc_w1=dc[0], dc_w2=dc[1],
+                                   aux_v=aux_v, lambdas=self.scalars[2 * i:2 * i + 2])
+
+    def value_addition(self, i: int, a: Tensor, inputs: LayerInputs) -> Tensor | None:
+        """aux_v (T, heads, head_dim) added to layer i's values: the value embedding, gated per head by
+        2 sigmoid([a[:6], ve[:6]] G^T) (G = 0 at init: gate 1). Layer 10's comes from mudd_layer."""
+        if i not in VALUE_EMBED_LAYERS:
+            return None
+        table = VALUE_EMBED_LAYERS.index(i)
+        ve = inputs.value_embeds[table]  # (T, d)
+        gate_input = torch.cat([a[:, :VE_GATE_INPUTS], ve[:, :VE_GATE_INPUTS]], dim=-1)  # (T, 12)
+        head_gates = 2 * torch.sigmoid(F.linear(gate_input, self.ve_gate_bank[table]))  # (T, heads)
+        return head_gates[:, :, None] * ve.view(-1, self.num_heads, self.head_dim)
+
+    def mudd_layer(self, x: Tensor, inputs: LayerInputs) -> Tensor:
+        """Layer 10, mixed by MUDD0's 14 coefficients (see MU_* above)."""
+        caches, num_tokens = inputs.caches, x.size(0)
+        caches[9] = x
+        mu = self.mudd0(x)  # (T, 14)
+
+        def m(k: int) -> Tensor:
+            return mu[:, k:k + 1]  # (T, 1)
+
+        v_mudd = m(MU_V_CACHE0) * caches[0] + m(MU_V_CACHE7) * caches[7] + m(MU_V_X) * x
+        x = (1 + m(MU_X_EXTRA)) * x + m(MU_X_CACHE0) * caches[0] + m(MU_X_CACHE7) * caches[7]
+        half = self.num_heads // 2
+        head_gates = torch.cat([m(MU_VE_FIRST_HEADS).expand(num_tokens, half),
+                                m(MU_VE_LAST_HEADS).expand(num_tokens, half)], dim=1)  # (T, heads)
+        ve = inputs.value_embeds[VALUE_EMBED_LAYERS.index(MUDD_LAYER)]
+        aux_v = (head_gates[:, :, None] * ve.view(num_tokens, self.num_heads, self.head_dim)
+                 + v_mudd.view(num_tokens, self.num_heads, self.head_dim))
+        y = self.attention(MUDD_LAYER, rms_norm(caches[7]), inputs, aux_v)
+        x = m(MU_ATTN_X) * x + m(MU_ATTN_Y) * y + m(MU_ATTN_CACHE0) * caches[0] + m(MU_ATTN_BIGRAM) * inputs.bigram
+        return m(MU_MLP_X) * x + m(MU_MLP_Y) * self.blocks[MUDD_LAYER].mlp(rms_norm(x))
+
+    def final_mix(self, x: Tensor, inputs: LayerInputs) -> Tensor:
+        """MUDD1 after the loop: x + sum of nu_k * (cache0, cache7, cache9, ve_0, cache3)."""
+        nu = self.mudd1(x)  # (T, 5)
+        caches = inputs.caches
+        sources = {NU_CACHE0: caches[0], NU_CACHE7: caches[7], NU_CACHE9: caches[9],
+                   NU_VE0: inputs.value_embeds[0], NU_CACHE3: caches[3]}
+        for k, source in sources.items():
+            x = x + nu[:, k:k + 1] * source
+        return x
+
+
+def build_model(s: Settings, runtime: Runtime) -> GPT:
+    """The seeded model on the runtime's device, in the fact sheet's dtypes (bf16 on the GPU but the
+    FP32_PARAMETERS; fp32 on CPU)."""
+    torch.manual_seed(s.seed)
+    with runtime.device:
+        model = GPT(s, runtime.attention_backend)
+    for name, parameter in model.named_parameters():
+        if name not in FP32_PARAMETERS:
+            parameter.data = parameter.data.to(runtime.compute_dtype)
+    model.bigram_signs = model.bigram_signs.to(runtime.compute_dtype)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
