@@ -415,7 +415,6 @@ class GPT(nn.Module):
         self.embed = nn.Parameter(self.lm_head.detach().T.clone())  # (V, d)
         self.register_buffer("tied", torch.tensor(True))
         self.embedding_is_head = True  # Python copy of `tied`: the forward branches on it without a device read
-        self.register_load_state_dict_post_hook(GPT._read_tied)
         self.bigram_embed = nn.Parameter(torch.zeros(s.bigram_buckets, dim))
         self.register_buffer("bigram_signs", bigram_sign_table(s.seed, dim).to(torch.get_default_device()))
         self.value_embeds = nn.Parameter(torch.randn(len(VALUE_EMBED_LAYERS) * vocab, dim) * VALUE_EMBED_INIT_STD)
@@ -430,10 +429,16 @@ class GPT(nn.Module):
         self.mudd0 = GateNetwork(dim, s.gate_hidden, coefficient_init_values(MUDD0_INIT, MUDD0_OUTPUTS), False)
         self.mudd1 = GateNetwork(dim, s.gate_hidden, coefficient_init_values(MUDD1_INIT, MUDD1_OUTPUTS), False)
         self.blocks = nn.ModuleList(Block(s, i) for i in range(NUM_LAYERS))
+        self.rotary = Rotary(s.head_dim)  # shared by the layers; YaRN changes it with the long window
+        self.register_buffer("long_window_tokens", torch.tensor(0))  # the rotary's long window; 0: not set yet
+        self.long_window = 0  # Python copy of long_window_tokens
+        self.register_load_state_dict_post_hook(GPT._read_host_copies)
 
     @staticmethod
-    def _read_tied(module: "GPT", incompatible_keys):
-        module.embedding_is_head = bool(module.tied)  # a loaded checkpoint decides (one device read, at load)
+    def _read_host_copies(module: "GPT", incompatible_keys):
+        # a loaded checkpoint decides; one device read per buffer, at load, never in a step
+        module.embedding_is_head = bool(module.tied)
+        module.long_window = int(module.long_window_tokens)
 
     def untie(self):
         """From now on the token embedding is its own parameter, starting as lm_head^T."""
@@ -443,6 +448,17 @@ class GPT(nn.Module):
             self.embed.copy_(self.lm_head.T)
             self.tied.fill_(False)
         self.embedding_is_head = False
+
+    def set_long_window(self, tokens: int):
+        """The training long window, in tokens; call it before each step (it acts only on a change). The first
+        call only records it: the rotary starts at the first stage's window. A change updates the rotary by
+        YaRN. The final validation's wider window takes no update (as the public script), so it is not set."""
+        if tokens == self.long_window:
+            return
+        if self.long_window:
+            self.rotary.apply_yarn(self.long_window, tokens)
+        self.long_window = tokens
+        self.long_window_tokens.fill_(tokens)
 
     def masks_for(self, batch, short_blocks: int, long_blocks: int):
         return attention_masks(batch.document_ids, short_blocks, long_blocks, self.block_size, self.attention_backend)
@@ -494,9 +510,9 @@ class GPT(nn.Module):
             return inputs.gate(table[i]) if i in table else None
 
         dc = (inputs.gate(DC_W1_COLUMNS), inputs.gate(DC_W2_COLUMNS)) if i == MUDD_LAYER else (None, None)
-        return self.blocks[i].attn(a, inputs.masks, xsa_alpha=columns(XSA_ALPHA_COLUMNS),
-                                   output_gate=columns(OUTPUT_GATE_COLUMNS), dc_w1=dc[0], dc_w2=dc[1],
-                                   aux_v=aux_v, lambdas=self.scalars[2 * i:2 * i + 2])
+        return self.blocks[i].attn(a, inputs.masks, self.rotary, self.scalars[2 * i:2 * i + 2], aux_v=aux_v,
+                                   xsa_alpha=columns(XSA_ALPHA_COLUMNS), output_gate=columns(OUTPUT_GATE_COLUMNS),
+                                   dc_w1=dc[0], dc_w2=dc[1])
 
     def value_addition(self, i: int, a: Tensor, inputs: LayerInputs) -> Tensor | None:
         """aux_v (T, heads, head_dim) added to layer i's values: the value embedding, gated per head by

@@ -14,7 +14,7 @@ from torch import nn
 
 import train_gpt_record89 as R
 
-HAS_ATTENTION = hasattr(R, "CausalSelfAttention") and hasattr(R, "attention_masks")
+HAS_ATTENTION = all(hasattr(R, name) for name in ("CausalSelfAttention", "Rotary", "attention_masks"))
 VOCAB = 200  # padded to 256: keeps the tiny model's tables small
 PADDED = 256
 
@@ -32,8 +32,8 @@ class RecordingAttention(nn.Module):
         self.qkvo = nn.Parameter(torch.empty(4, s.model_dim, s.model_dim).uniform_(-0.1, 0.1))
         self.calls = []
 
-    def forward(self, a, masks, **gates):
-        self.calls.append(dict(a=a, masks=masks, **gates))
+    def forward(self, a, masks, rotary, lambdas, **gates):
+        self.calls.append(dict(a=a, masks=masks, rotary=rotary, lambdas=lambdas, **gates))
         return stand_in_output(self, a, gates["aux_v"])
 
 
@@ -42,9 +42,27 @@ def stand_in_output(attention, a, aux_v):
     return y if aux_v is None else y + aux_v.reshape(y.shape)
 
 
+class RecordingRotary(nn.Module):
+    """Stand-in for 4a's Rotary: its buffers, and a record of the YaRN updates asked for."""
+
+    def __init__(self, head_dim):
+        super().__init__()
+        self.register_buffer("frequencies", torch.ones(head_dim // 4))
+        self.register_buffer("scale", torch.tensor(0.1))
+        self.updates = []
+
+    def apply_yarn(self, old_long_tokens, new_long_tokens):
+        self.updates.append((old_long_tokens, new_long_tokens))
+
+
+def use_stand_ins(monkeypatch):
+    monkeypatch.setattr(R, "CausalSelfAttention", RecordingAttention, raising=False)
+    monkeypatch.setattr(R, "Rotary", RecordingRotary, raising=False)
+
+
 def stand_in_model(monkeypatch, s=None, seed=0) -> R.GPT:
     """An fp64 model with the recording attention and every parameter random (no zero-init shortcuts)."""
-    monkeypatch.setattr(R, "CausalSelfAttention", RecordingAttention, raising=False)
+    use_stand_ins(monkeypatch)
     torch.manual_seed(seed)
     model = R.GPT(s or tiny_settings(), "explicit").double()
     with torch.no_grad():
@@ -217,7 +235,7 @@ def test_every_gate_starts_at_its_init_value_for_any_input(init_model):
 @pytest.fixture
 def init_model(monkeypatch):
     if not HAS_ATTENTION:
-        monkeypatch.setattr(R, "CausalSelfAttention", RecordingAttention, raising=False)
+        use_stand_ins(monkeypatch)
     torch.manual_seed(0)
     return R.GPT(tiny_settings(vocab_size=50257), "explicit")
 
@@ -281,7 +299,7 @@ def test_attention_layer_update_matches_the_formula(monkeypatch, i):
     a = norm(source)
     (call,) = model.blocks[i].attn.calls
     torch.testing.assert_close(call["a"], a)
-    assert call["masks"] == "masks"
+    assert call["masks"] == "masks" and call["rotary"] is model.rotary
     torch.testing.assert_close(call["lambdas"], model.scalars[2 * i:2 * i + 2])
     if i in XSA:
         net, first = XSA[i]
@@ -406,7 +424,7 @@ class GpuLikeRuntime(R.Runtime):
 
 def record_model(monkeypatch, runtime_class=R.Runtime):
     if not HAS_ATTENTION:
-        monkeypatch.setattr(R, "CausalSelfAttention", RecordingAttention, raising=False)
+        use_stand_ins(monkeypatch)
     runtime = runtime_class(rank=0, world_size=1, device=torch.device("meta"), attention_backend="explicit",
                             fp8=False)
     return R.build_model(R.Settings(), runtime)
@@ -416,8 +434,8 @@ def test_record_shape_parameters(monkeypatch):
     model = record_model(monkeypatch)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     assert shapes == RECORD_SHAPES
-    buffers = {name: tuple(b.shape) for name, b in model.named_buffers() if not name.startswith("blocks.")}
-    assert buffers == {"tied": (), "bigram_signs": (8192, 768)}
+    buffers = {name: tuple(b.shape) for name, b in model.named_buffers() if not name.startswith("rotary.")}
+    assert buffers == {"tied": (), "bigram_signs": (8192, 768), "long_window_tokens": ()}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # on CPU (here: meta) fp32 throughout
     total = sum(p.numel() for p in model.parameters())
     assert total == sum(math.prod(shape) for shape in RECORD_SHAPES.values())
@@ -462,3 +480,28 @@ def test_whole_forward_with_attention_reaches_every_parameter():
     assert hidden.shape == (64, 48) and torch.isfinite(hidden).all()
     torch.testing.assert_close(hidden.square().mean(-1), torch.ones(64), rtol=1e-4, atol=1e-4)
     check_every_parameter_reached(model, batch, masks)
+
+
+def test_set_long_window_updates_the_rotary_only_on_a_change(monkeypatch):
+    model = stand_in_model(monkeypatch)
+    for tokens in (384, 384, 896, 896, 1408, 1664):
+        model.set_long_window(tokens)
+    assert model.rotary.updates == [(384, 896), (896, 1408), (1408, 1664)]
+    assert model.long_window_tokens.item() == 1664
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    resumed = stand_in_model(monkeypatch)
+    resumed.load_state_dict(state)  # a resumed run continues from the checkpoint's window
+    resumed.set_long_window(1664)
+    resumed.set_long_window(2048)
+    assert resumed.rotary.updates == [(1664, 2048)]
+
+
+def test_bf16_model_runs_in_bf16(monkeypatch):
+    """The GPU's dtypes (bf16 but the fp32 scalars) compose: the forward stays in bf16 (here on CPU)."""
+    use_stand_ins(monkeypatch)
+    runtime = GpuLikeRuntime(rank=0, world_size=1, device=torch.device("cpu"), attention_backend="explicit", fp8=False)
+    model = R.build_model(tiny_settings(), runtime)
+    tokens = random_tokens(32)
+    batch = SimpleNamespace(inputs=tokens, document_ids=torch.zeros(32, dtype=torch.int32))
+    hidden = model.hidden(batch, "masks", 0)
+    assert hidden.dtype == torch.bfloat16 and torch.isfinite(hidden).all()
