@@ -505,3 +505,20 @@ def test_bf16_model_runs_in_bf16(monkeypatch):
     batch = SimpleNamespace(inputs=tokens, document_ids=torch.zeros(32, dtype=torch.int32))
     hidden = model.hidden(batch, "masks", 0)
     assert hidden.dtype == torch.bfloat16 and torch.isfinite(hidden).all()
+
+
+@pytest.mark.slow
+def test_forward_traces_as_one_graph(monkeypatch):
+    """No host syncs or Python branches on tensors in the forward: dynamo traces it whole (fullgraph), tied
+    and untied (a Python flag: one recompile at the untie). Dynamo only (backend "eager"): no codegen."""
+    model = stand_in_model(monkeypatch)
+    tokens = random_tokens(32)
+    batch = SimpleNamespace(inputs=tokens, document_ids=torch.zeros(32, dtype=torch.int32))
+    torch._dynamo.reset()
+    compiled = torch.compile(model.hidden, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(batch, "masks", 0), model.hidden(batch, "masks", 0))
+    model.untie()
+    with torch.no_grad():
+        model.embed.mul_(2)
+    torch.testing.assert_close(compiled(batch, "masks", 0), model.hidden(batch, "masks", 0))
+    torch._dynamo.reset()
