@@ -521,11 +521,10 @@ POST_LAMBDA_INIT = 1.0
 ATTENTION_LAMBDAS_INIT = (0.5, 1.0)
 SMEAR_LAMBDA, SKIP_LAMBDA = 2 * NUM_LAYERS, 2 * NUM_LAYERS + 1
 SMEAR_LAMBDA_INIT, SKIP_LAMBDA_INIT = 0.0, -1.5
-NUM_SCALARS = 2 * NUM_LAYERS + 2
 
 HEAD_INIT_STD = 0.005  # tied LM head / token embedding
 VALUE_EMBED_INIT_STD = 0.01
-MATRIX_INIT_STD = 0.5  # times 1/sqrt(fan_in): uniform init of c_fc (and Q/K/V/O in 4a)
+MATRIX_INIT_STD = 0.5  # times 1/sqrt(fan_in): uniform init of c_fc (as QKVO_INIT_STD of Q/K/V/O)
 SMEAR_GATE_INPUTS = 12  # the smear gate reads e_t[:12]
 
 # Bigram hash (fact sheet 2.2): h_t = ((36313 x_t) XOR (27191 x_{t-1})) mod (buckets - 1), h_0 = buckets - 1;
@@ -684,7 +683,7 @@ class Block(nn.Module):
 
     def __init__(self, s: Settings, layer: int):
         super().__init__()
-        self.attn = None if layer == SKIP_LAYER else CausalSelfAttention(s, layer)
+        self.attn = CausalSelfAttention(s, layer) if layer in ATTENTION_LAYERS else None
         self.mlp = MLP(s.model_dim, s.mlp_hidden)
 
 

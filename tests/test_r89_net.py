@@ -469,12 +469,7 @@ def test_every_parameter_is_reached_by_the_backward_with_the_stand_in(monkeypatc
 
 @pytest.mark.skipif(not HAS_ATTENTION, reason="needs section 4a's attention")
 def test_whole_forward_with_attention_reaches_every_parameter():
-    s = tiny_settings()
-    torch.manual_seed(0)
-    model = R.GPT(s, "explicit")
-    tokens = random_tokens(64)
-    tokens[[0, 20, 41]] = 0
-    batch = SimpleNamespace(inputs=tokens, document_ids=torch.cumsum(tokens == 0, 0).to(torch.int32))
+    model, batch = real_model_and_batch()
     masks = model.masks_for(batch, 1, 3)
     hidden = model.hidden(batch, masks, 0)
     assert hidden.shape == (64, 48) and torch.isfinite(hidden).all()
@@ -507,18 +502,45 @@ def test_bf16_model_runs_in_bf16(monkeypatch):
     assert hidden.dtype == torch.bfloat16 and torch.isfinite(hidden).all()
 
 
+def real_model_and_batch(length=64):
+    """The tiny model with 4a's attention, random weights, and a buffer of three documents."""
+    torch.manual_seed(0)
+    model = R.GPT(tiny_settings(), "explicit")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    tokens = random_tokens(length)
+    tokens[[0, 20, 41]] = 0
+    batch = SimpleNamespace(inputs=tokens, document_ids=torch.cumsum(tokens == 0, 0).to(torch.int32))
+    return model, batch
+
+
 @pytest.mark.slow
-def test_forward_traces_as_one_graph(monkeypatch):
-    """No host syncs or Python branches on tensors in the forward: dynamo traces it whole (fullgraph), tied
-    and untied (a Python flag: one recompile at the untie). Dynamo only (backend "eager"): no codegen."""
-    model = stand_in_model(monkeypatch)
-    tokens = random_tokens(32)
-    batch = SimpleNamespace(inputs=tokens, document_ids=torch.zeros(32, dtype=torch.int32))
+@pytest.mark.skipif(not HAS_ATTENTION, reason="needs section 4a's attention")
+def test_forward_traces_as_one_graph():
+    """No host syncs or Python branches on tensors in the whole forward (4a's attention included): dynamo
+    traces it whole (fullgraph), tied and untied (a Python flag: one recompile at the untie). Dynamo only
+    (backend "eager"): no code generation."""
+    model, batch = real_model_and_batch()
+    masks = model.masks_for(batch, 1, 3)
     torch._dynamo.reset()
     compiled = torch.compile(model.hidden, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(batch, "masks", 0), model.hidden(batch, "masks", 0))
+    torch.testing.assert_close(compiled(batch, masks, 0), model.hidden(batch, masks, 0))
     model.untie()
     with torch.no_grad():
         model.embed.mul_(2)
-    torch.testing.assert_close(compiled(batch, "masks", 0), model.hidden(batch, "masks", 0))
+    torch.testing.assert_close(compiled(batch, masks, 0), model.hidden(batch, masks, 0))
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not HAS_ATTENTION, reason="needs section 4a's attention")
+def test_set_long_window_applies_yarn_to_the_shared_rotary():
+    model = real_model_and_batch()[0]
+    reference = R.Rotary(8)
+    for tokens in (48, 48, 112, 176, 208):
+        model.set_long_window(tokens)
+    for old, new in ((48, 112), (112, 176), (176, 208)):
+        reference.apply_yarn(old, new)
+    torch.testing.assert_close(model.rotary.frequencies, reference.frequencies)
+    torch.testing.assert_close(model.rotary.scale, reference.scale)
+    assert not torch.equal(reference.frequencies, R.Rotary(8).frequencies)
