@@ -694,7 +694,7 @@ class LayerInputs:
     bigram: Tensor  # (T, d) signed bigram vector b
     value_embeds: Tensor  # (5, T, d): table k feeds layer VALUE_EMBED_LAYERS[k]
     pre_gates: Tensor  # (T, PRE_GATE_OUTPUTS)
-    masks: object  # attention_masks(...) for this batch
+    masks: AttentionMasks  # this buffer's, from GPT.masks_for
     slot: int  # the accumulation slot: selects the FP8 MLP scale state once the MLP runs through section 5
     caches: dict[int, Tensor]  # residual snapshots: 0 (layer 0's input), 3, 7 (after their MLPs), 9
     post_gates: Tensor | None = None  # (T, POST_GATE_OUTPUTS), from the start of layer 4
@@ -705,6 +705,10 @@ class LayerInputs:
 
 
 class GPT(nn.Module):
+    """The record's 11-layer network up to the normed final hidden states (the loss is section 5's). Parameter
+    names are the optimizer's keys (section 6); the buffers tied, long_window_tokens and the rotary's are
+    training state."""
+
     def __init__(self, s: Settings, attention_backend: str):
         super().__init__()
         self.block_size, self.attention_backend = s.block_size, attention_backend
@@ -760,17 +764,17 @@ class GPT(nn.Module):
         self.long_window = tokens
         self.long_window_tokens.fill_(tokens)
 
-    def masks_for(self, batch, short_blocks: int, long_blocks: int):
+    def masks_for(self, batch, short_blocks: int, long_blocks: int) -> AttentionMasks:
         return attention_masks(batch.document_ids, short_blocks, long_blocks, self.block_size, self.attention_backend)
 
-    def hidden(self, batch, masks, slot: int) -> Tensor:
+    def hidden(self, batch, masks: AttentionMasks, slot: int) -> Tensor:
         """The normed final hidden states (T, d) of batch.inputs (T,)."""
         x, inputs = self.embed_inputs(batch.inputs, masks, slot)
         for i in range(NUM_LAYERS):
             x = self.layer(i, x, inputs)
         return rms_norm(self.final_mix(x, inputs))
 
-    def embed_inputs(self, tokens: Tensor, masks, slot: int) -> tuple[Tensor, LayerInputs]:
+    def embed_inputs(self, tokens: Tensor, masks: AttentionMasks, slot: int) -> tuple[Tensor, LayerInputs]:
         """Layer 0's input x = x0 + g_b b (T, d), and what the layers read."""
         table = self.lm_head.T if self.embedding_is_head else self.embed  # (V, d)
         x0 = rms_norm(smear(F.embedding(tokens, table), self.smear_gate, self.scalars[SMEAR_LAMBDA]))
