@@ -29,7 +29,9 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import harness
 from harness import (FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, DataError, MemorySavers, Range, RunSettings,
@@ -525,9 +527,679 @@ def schedule_table(s: Settings) -> str:
 # 4. Model
 
 # 4a. Attention: rotary with YaRN, document-aware sliding-window masks, paired heads, key offset, XSA, DC
+# Facts: RECORDS_29_89.md 2.5 (attention) and 3 (FA3 varlen and DC semantics). Each layer i != 6 has its own
+# [Q; K; V; O]; the features below are switched on per layer by these tuples of layer indices.
+
+ATTENTION_LAYERS = (0, 1, 2, 3, 4, 5, 7, 8, 9, 10)  # layer 6 has no attention
+LONG_WINDOW_LAYERS = (3, 10)  # the others use the short window
+PAIRED_HEAD_LAYERS = (0, 2, 5, 9)  # heads h and h + 3 attend together over a doubled sequence
+KEY_OFFSET_LAYERS = (3, 10)  # the stationary half of each key comes from the previous token
+XSA_LAYERS = (1, 3, 4, 7)  # exclusive self-attention: the output loses its component along its own value
+OUTPUT_GATE_LAYERS = (3, 10)  # y * g, one gate per token and head
+DC_LAYERS = (10,)  # the dynamically composable attention correction
+ROTARY_MIN_FREQUENCY = 1 / 1024  # frequencies run from 1 down to this many radians per position
+ATTENTION_SCALE_INIT = 0.1  # softmax scale before any YaRN update
+YARN_RAMP = (1, 32)  # YaRN's (alpha, beta): turns over the old window below which a frequency is fully
+# interpolated and above which it is kept. Fixed numbers (the public script's defaults), not head_dim/4: at
+# head_dim 128 beta - alpha = 31 = head_dim/4 - 1 only by coincidence.
+YARN_SCALE_SLOPE = 0.2  # the scale grows by 1 + 0.2 ln(new/old) at each long-window change
+QKVO_INIT_STD = 0.5  # uniform init of Q, K, V and O with this std times 1/sqrt(model_dim) (+-0.03125 at 768)
+XSA_NORM_FLOOR = 1e-8  # ||v||^2 is clamped to this in the XSA projection
+DC_GATE_NORM_EPS = 1e-6  # epsilon of the RMSNorm over the six DC w1 gate values
+DC_QUERY_CHUNK = 64  # the DC correction handles this many queries at a time: memory T x (64 + window)
+
+
+@dataclass(frozen=True)
+class AttentionFeatures:
+    """What one layer's attention does beyond windowed document-causal attention."""
+    long_window: bool = False
+    paired_heads: bool = False
+    key_offset: bool = False
+    xsa: bool = False
+    output_gate: bool = False
+    dc: bool = False
+
+    def __post_init__(self):
+        if self.paired_heads and (self.key_offset or self.xsa or self.dc):
+            raise SettingsError("a paired-head layer cannot have a key offset, XSA or DC: its keys and values are "
+                                "interleaved rows, not tokens (the record has none there)")
+
+    @classmethod
+    def of_layer(cls, layer: int) -> "AttentionFeatures":
+        if layer not in ATTENTION_LAYERS:
+            raise SettingsError(f"layer {layer} has no attention (layers with attention: {ATTENTION_LAYERS})")
+        return cls(long_window=layer in LONG_WINDOW_LAYERS, paired_heads=layer in PAIRED_HEAD_LAYERS,
+                   key_offset=layer in KEY_OFFSET_LAYERS, xsa=layer in XSA_LAYERS,
+                   output_gate=layer in OUTPUT_GATE_LAYERS, dc=layer in DC_LAYERS)
+
+    @property
+    def mask_kind(self) -> str:
+        return ("long" if self.long_window else "short") + ("_paired" if self.paired_heads else "")
+
+
+MASK_KINDS = tuple(sorted({AttentionFeatures.of_layer(layer).mask_kind for layer in ATTENTION_LAYERS}))
+
+
+class Rotary(nn.Module):
+    """Rotary embedding shared by all layers. P = head_dim/4 frequencies omega_j = 1024^(-j/(P-1)) turn the
+    adjacent pairs (0,1), (2,3), ... of the first half of each head; the second half is stationary.
+    The frequencies and the softmax scale are persistent buffers: YaRN changes them during the run, so they
+    are training state (checkpoints and the warm-up's restore carry them)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        pairs = head_dim // 4
+        if pairs < 2:
+            raise SettingsError(f"--head_dim={head_dim}: rotary needs head_dim >= 8 (two rotated pairs)")
+        self.register_buffer("frequencies", ROTARY_MIN_FREQUENCY ** torch.linspace(0, 1, pairs))
+        self.register_buffer("scale", torch.tensor(ATTENTION_SCALE_INIT))
+
+    @torch.no_grad()
+    def apply_yarn(self, old_long_tokens: int, new_long_tokens: int):
+        """The YaRN update when the long window grows from old to new tokens (fact sheet 2.5): a frequency
+        that turns r = old * omega / 2pi times over the old window is scaled by old/new if r <= alpha, kept if
+        r >= beta, ramped in between; the scale is multiplied by 1 + 0.2 ln(new/old)."""
+        if old_long_tokens <= 0 or new_long_tokens <= 0:
+            raise SettingsError(f"YaRN window change {old_long_tokens} -> {new_long_tokens}: windows must be positive")
+        ratio = old_long_tokens / new_long_tokens
+        alpha, beta = YARN_RAMP
+        turns = old_long_tokens * self.frequencies / (2 * math.pi)
+        kept = ((turns - alpha) / (beta - alpha)).clamp(0, 1)
+        self.frequencies.mul_(ratio + kept * (1 - ratio))
+        self.scale.mul_(1 + YARN_SCALE_SLOPE * math.log(new_long_tokens / old_long_tokens))
+
+    def forward(self, x: Tensor, paired: bool = False) -> Tensor:
+        """x (T, H, D) rotated at position t (its index in the buffer); paired: head h at position 2t + h % 2,
+        as the public script's paired layout (so heads 1 and 4 sit on the row of the other position)."""
+        seq_len, num_heads, _ = x.shape
+        pairs = self.frequencies.numel()
+        positions = torch.arange(2 * seq_len if paired else seq_len, device=x.device, dtype=torch.float32)
+        angles = positions[:, None] * self.frequencies[None, :]  # (positions, P) in fp32, as the record's tables
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # stored in bf16 on GPU, as the record's
+        if paired:  # (2T, P) -> (T, H, P): even heads at 2t, odd heads at 2t + 1
+            cos, sin = (table.view(seq_len, 2, pairs).repeat(1, num_heads // 2, 1) for table in (cos, sin))
+        else:
+            cos, sin = cos[:, None, :], sin[:, None, :]
+        turning = x[..., :2 * pairs].unflatten(-1, (pairs, 2))  # (T, H, P, 2)
+        even, odd = turning[..., 0], turning[..., 1]
+        turned = torch.stack((even * cos + odd * sin, odd * cos - even * sin), dim=-1).flatten(-2)  # (T, H, 2P)
+        return torch.cat((turned, x[..., 2 * pairs:]), dim=-1)
+
+
+# Masks. Query t sees key j iff j is in t's document and t - W <= j <= t, with W = window blocks * block_size
+# tokens: the record's FA3 window_size=(W, 0), W + 1 keys (fact sheet 2.5 "Windows" and 3 "FA3"). Record 21
+# had block-granular windows; record 89 has token windows, so the window is exact to the token here too.
+# Paired layers attend over 2T rows (token t's rows 2t and 2t + 1, both in t's document) with the same W,
+# which then covers W interleaved rows, as the record's doubled cu_seqlens do. The window sizes may be ints
+# or 0-d device tensors (then a new window reuses the compiled graph).
+AttentionMask = BlockMask | Tensor  # a FlexAttention BlockMask, or a dense (N, N) bool mask
+
+
+@dataclass
+class AttentionMasks:
+    """One buffer's masks: one per kind in MASK_KINDS, and the document ids the DC correction reads."""
+    by_kind: dict[str, AttentionMask]
+    document_ids: Tensor  # (T,) int32, never decreasing
+
+
+def window_mask_mod(document_ids: Tensor, window_tokens: Tensor | int):
+    def mask_mod(batch, head, q_idx, kv_idx):
+        distance = q_idx - kv_idx
+        same_document = document_ids[q_idx] == document_ids[kv_idx]
+        return (distance >= 0) & (distance <= window_tokens) & same_document
+
+    return mask_mod
+
+
+def window_block_tables(document_ids: Tensor, block_size: int, window_tokens: Tensor | int) -> tuple[Tensor, Tensor]:
+    """For each (query block, key block): does some (query, key) pair pass the mask, do all pairs pass?
+    Exact because document ids never decrease: an earlier key block shares a document with a query block
+    iff the closest pair across them (first query, last key) is in one document, and that pair is also the
+    one nearest in distance; all pairs pass iff the farthest pair is in the window and both blocks lie in a
+    single document."""
+    num_blocks = document_ids.numel() // block_size
+    blocks = document_ids.view(num_blocks, block_size)
+    first_document, last_document = blocks[:, 0], blocks[:, -1]
+    block_index = torch.arange(num_blocks, device=document_ids.device)
+    block_distance = block_index[:, None] - block_index[None, :]  # (query block, key block)
+    nearest = (block_distance - 1) * block_size + 1  # tokens between the closest pair
+    farthest = block_distance * block_size + block_size - 1
+    closest_pair_same_document = first_document[:, None] == last_document[None, :]
+    all_same_document = last_document[:, None] == first_document[None, :]
+    earlier = block_distance > 0
+    any_allowed = (block_distance == 0) | (earlier & (nearest <= window_tokens) & closest_pair_same_document)
+    all_allowed = earlier & (farthest <= window_tokens) & all_same_document
+    return any_allowed, all_allowed
+
+
+def ordered_blocks(table: Tensor) -> tuple[Tensor, Tensor]:
+    """(Q, K) bool -> per row the count of True columns (Q,) and the column indices, True ones first (Q, K)."""
+    counts = table.sum(dim=-1, dtype=torch.int32)
+    indices = table.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts, indices
+
+
+def window_block_mask(document_ids: Tensor, window_tokens: Tensor | int, block_size: int) -> BlockMask:
+    """The FlexAttention BlockMask, built on the device from the document ids (no host synchronisation)."""
+    length = document_ids.numel()
+    any_allowed, all_allowed = window_block_tables(document_ids, block_size, window_tokens)
+    partial_counts, partial_indices = ordered_blocks(any_allowed & ~all_allowed)
+    full_counts, full_indices = ordered_blocks(all_allowed)
+    return BlockMask.from_kv_blocks(partial_counts[None, None], partial_indices[None, None],
+                                    full_counts[None, None], full_indices[None, None], BLOCK_SIZE=block_size,
+                                    mask_mod=window_mask_mod(document_ids, window_tokens),
+                                    seq_lengths=(length, length))
+
+
+def attention_masks(document_ids: Tensor, short_blocks: Tensor | int, long_blocks: Tensor | int, block_size: int,
+                    backend: str) -> AttentionMasks:
+    """document_ids (T,) int32, never decreasing (a new id at each document piece); the windows in blocks of
+    block_size tokens; backend "flex" (BlockMasks) or "explicit" (dense bool masks)."""
+    if document_ids.numel() % block_size:
+        raise DataError(f"a buffer of {document_ids.numel()} tokens: must be a multiple of --block_size={block_size}")
+    window_blocks = {"short": short_blocks, "long": long_blocks}
+    masks = {}
+    for kind in MASK_KINDS:
+        window, _, paired = kind.partition("_")
+        window_tokens = window_blocks[window] * block_size
+        rows = document_ids.repeat_interleave(2) if paired else document_ids  # paired: rows 2t, 2t + 1 of token t
+        if backend == "flex":
+            masks[kind] = window_block_mask(rows, window_tokens, block_size)
+        else:
+            positions = torch.arange(rows.numel(), device=rows.device)
+            masks[kind] = window_mask_mod(rows, window_tokens)(None, None, positions[:, None], positions[None, :])
+    return AttentionMasks(masks, document_ids)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: Tensor) -> Tensor:
+    """q, k, v (N, H, D) -> (N, H, D): softmax over the allowed keys of scale * q.k, then the values."""
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, N, D)
+    if isinstance(mask, BlockMask):
+        def scaled(score, batch, head, q_idx, kv_idx):  # on the fp32 scores, as FA3's softmax_scale
+            return score * scale
+
+        y = flex_attention(q, k, v, score_mod=scaled, block_mask=mask, scale=1.0)
+    else:  # SDPA takes no tensor scale: it goes into q (fp32 on CPU, where this path runs)
+        y = F.scaled_dot_product_attention(q * scale, k, v, attn_mask=mask, scale=1.0)
+    return y[0].transpose(0, 1)
+
+
+def shift_stationary_keys(k: Tensor) -> Tensor:
+    """Key offset: k[t, :, D/2:] <- k[t-1, :, D/2:] for t >= 1. As the public script, across document
+    boundaries too; functionally (the public in-place copy is a shift only in its compiled graph)."""
+    half = k.size(-1) // 2
+    stationary = torch.cat((k[:1, :, half:], k[:-1, :, half:]), dim=0)
+    return torch.cat((k[..., :half], stationary), dim=-1)
+
+
+def exclusive_self_attention(y: Tensor, v: Tensor, alpha: Tensor) -> Tensor:
+    """XSA: y (T, H, D) loses tanh(alpha) times its projection on the same token's and head's v (T, H, D);
+    alpha (T, H)."""
+    projection = (y * v).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True).clamp_min(XSA_NORM_FLOOR)
+    return y - torch.tanh(alpha)[..., None] * projection * v
+
+
+def dc_correction(q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tensor, document_ids: Tensor, scale: Tensor,
+                  window: int) -> Tensor:
+    """The dynamically composable attention correction (fact sheet 3), fp32 (T, H, D):
+    corr_h[t] = w2_h[t] * sum_j (sum_h' w1n_h'[t] P_h'[t, j]) v_h[j], with P_h[t, j] the softmax of
+    scale * q_h[t].k_h[j] over the window keys t - window < j <= t of t's document and w1n = w1 RMS-normed
+    over the heads. q, k, v (T, H, D); w1, w2 (T, H). The weights are rounded to v's dtype before the product
+    with v, as the Triton kernel's bf16 MMA. Plain PyTorch for torch.compile to fuse: chunks of
+    DC_QUERY_CHUNK queries against their band of chunk + window - 1 keys, all chunks at once."""
+    seq_len, num_heads, head_dim = q.shape
+    chunk = DC_QUERY_CHUNK
+    num_chunks = -(-seq_len // chunk)
+    band = chunk + window - 1
+    back = num_chunks * chunk - seq_len  # padding queries (attend to themselves, then dropped)
+    front = window - 1  # padding keys of the first queries' bands (a document id nobody has)
+
+    def padded(t: Tensor) -> Tensor:  # (T, ...) -> (window - 1 + T + back, ...)
+        return F.pad(t, (0, 0) * (t.dim() - 1) + (front, back))
+
+    def bands(t: Tensor) -> Tensor:  # (window - 1 + T + back, ...) -> (chunks, ..., band): each chunk's keys
+        return t.unfold(0, band, chunk)
+
+    # ids never decrease: the front padding's id is nobody's; the back padding's only its own
+    padded_ids = torch.cat(((document_ids[:1] - 1).expand(front), document_ids, (document_ids[-1:] + 1).expand(back)))
+    query_ids = padded_ids[front:].view(num_chunks, chunk)
+    queries = padded(q.float())[front:].view(num_chunks, chunk, num_heads, head_dim)
+    # scores (chunks, H, chunk, band): products of the compute-dtype q and k, accumulated in fp32
+    scores = torch.einsum("nchd,nhdb->nhcb", queries, bands(padded(k.float()))) * scale
+    query_in_chunk = torch.arange(chunk, device=q.device)[:, None]
+    key_in_band = torch.arange(band, device=q.device)[None, :]
+    in_window = (key_in_band >= query_in_chunk) & (key_in_band < query_in_chunk + window)  # (chunk, band)
+    allowed = in_window & (query_ids[:, :, None] == bands(padded_ids)[:, None, :])  # (chunks, chunk, band)
+    probabilities = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+    head_mix = F.rms_norm(w1.float(), (num_heads,), eps=DC_GATE_NORM_EPS)  # (T, H)
+    head_mix, head_out = (padded(t)[front:].view(num_chunks, chunk, num_heads).transpose(1, 2)[..., None]
+                          for t in (head_mix, w2.float()))  # (chunks, H, chunk, 1)
+    mixed = (head_mix * probabilities).sum(dim=1, keepdim=True)  # (chunks, 1, chunk, band)
+    weights = (head_out * mixed).to(v.dtype).float()  # (chunks, H, chunk, band), rounded as the kernel's
+    correction = torch.einsum("nhcb,nhdb->nchd", weights, bands(padded(v.float())))  # (chunks, chunk, H, D)
+    return correction.reshape(num_chunks * chunk, num_heads, head_dim)[:seq_len]
+
+
+class CausalSelfAttention(nn.Module):
+    """One layer's attention, with the features AttentionFeatures.of_layer(layer) switches on. One parameter
+    qkvo (4, d, d) = [Q; K; V; O], rows out and columns in (NorMuon orthogonalises each of the four)."""
+
+    def __init__(self, s: Settings, layer: int):
+        super().__init__()
+        self.features = AttentionFeatures.of_layer(layer)
+        self.num_heads, self.head_dim, self.dc_window = s.num_heads, s.head_dim, s.dc_window
+        bound = 3**0.5 * QKVO_INIT_STD / s.model_dim**0.5  # uniform: std = bound / sqrt(3)
+        self.qkvo = nn.Parameter(torch.empty(4, s.model_dim, s.model_dim).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor, masks: AttentionMasks, rotary: Rotary, lambdas: Tensor, aux_v: Tensor | None = None,
+                xsa_alpha: Tensor | None = None, output_gate: Tensor | None = None, dc_w1: Tensor | None = None,
+                dc_w2: Tensor | None = None) -> Tensor:
+        """x (T, d) normed input; lambdas (2,): the Q/K/V and the O weight multipliers; aux_v (T, H, D) added
+        to v; per token and head (T, H): xsa_alpha (XSA layers), output_gate (gated layers), dc_w1 and dc_w2
+        (the DC layer). Returns the projected output (T, d)."""
+        features = self.features
+        needed = {"xsa_alpha": (features.xsa, xsa_alpha), "output_gate": (features.output_gate, output_gate),
+                  "dc_w1": (features.dc, dc_w1), "dc_w2": (features.dc, dc_w2)}
+        for name, (used, gate) in needed.items():
+            if used != (gate is not None):
+                raise ValueError(f"{name} must be given exactly on the layers that use it (this layer: {features})")
+        seq_len, num_heads, head_dim = x.size(0), self.num_heads, self.head_dim
+        qkv_weight = lambdas[0] * self.qkvo[:3].type_as(x)  # (3, d, d)
+        q, k, v = F.linear(x, qkv_weight.flatten(end_dim=1)).view(seq_len, 3, num_heads, head_dim).unbind(1)
+        # No eps, as the public script: PyTorch then uses fp32's epsilon, bf16 input included (fact sheet 2.1).
+        q, k = F.rms_norm(q, (head_dim,)), F.rms_norm(k, (head_dim,))
+        q, k = rotary(q, features.paired_heads), rotary(k, features.paired_heads)
+        if features.key_offset:
+            k = shift_stationary_keys(k)
+        if aux_v is not None:
+            v = v + aux_v
+        mask = masks.by_kind[features.mask_kind]
+        if features.paired_heads:  # (T, H, D) -> (2T, H/2, D): row 2t holds heads 0..H/2-1, row 2t+1 the rest
+            rows = (t.reshape(2 * seq_len, num_heads // 2, head_dim) for t in (q, k, v))
+            y = attend(*rows, mask, rotary.scale).reshape(seq_len, num_heads, head_dim)
+        else:
+            y = attend(q, k, v, mask, rotary.scale)
+        if features.dc:  # base + correction in fp32, rounded once, as the kernel
+            correction = dc_correction(q, k, v, dc_w1, dc_w2, masks.document_ids, rotary.scale, self.dc_window)
+            y = (y.float() + correction).type_as(y)
+        if features.xsa:
+            y = exclusive_self_attention(y, v, xsa_alpha)
+        if features.output_gate:
+            y = y * output_gate[..., None]
+        return F.linear(y.reshape(seq_len, num_heads * head_dim), lambdas[1] * self.qkvo[3].type_as(y))
 
 
 # 4b. The network: embeddings (tied head, smear, bigram hash, value embeddings), MUDD gates, the 11 layers
+# Fact sheet 2.1-2.4 and 2.6. Layer i's update, for i != 6, 10 (a: attention input, b: signed bigram vector):
+#   x = r[i,0] x + p[i,0] Attn(norm(a)) + g_x0 x0 (+ g_b b for i > 0);  x = r[i,1] x + p[i,1] MLP(norm(x))
+# Layer 6 has no attention (a gated skip from layer 3 instead); layer 10 is mixed by MUDD0 and the final
+# residual by MUDD1. Per-token gates come from two small gate networks: the pre gate (on x0) serves layers
+# 0-3, the post gate (on x at the start of layer 4) serves layers 4-10.
+
+NUM_LAYERS = 11
+SKIP_LAYER = 6  # no attention: x += sigmoid(skip lambda) * skip gate * cache[3]
+CACHED_LAYERS = (3, 7)  # residual snapshots after these layers' MLPs
+LAYER7_READERS = (8, 9, 10)  # attend from norm(cache[7]) instead of norm(x)
+POST_GATE_LAYER = 4  # the post gate reads x at the start of this layer
+MUDD_LAYER = 10
+
+RESID_LAMBDA_INIT = 1.1**0.5
+POST_LAMBDA_INIT = 1.0
+# scalars (24,): (Q/K/V, O) lambdas of layer i at [2i, 2i+1], then the smear and the skip lambdas
+ATTENTION_LAMBDAS_INIT = (0.5, 1.0)
+SMEAR_LAMBDA, SKIP_LAMBDA = 2 * NUM_LAYERS, 2 * NUM_LAYERS + 1
+SMEAR_LAMBDA_INIT, SKIP_LAMBDA_INIT = 0.0, -1.5
+
+HEAD_INIT_STD = 0.005  # tied LM head / token embedding
+VALUE_EMBED_INIT_STD = 0.01
+MATRIX_INIT_STD = 0.5  # times 1/sqrt(fan_in): uniform init of c_fc (as QKVO_INIT_STD of Q/K/V/O)
+SMEAR_GATE_INPUTS = 12  # the smear gate reads e_t[:12]
+
+# Bigram hash (fact sheet 2.2): h_t = ((36313 x_t) XOR (27191 x_{t-1})) mod (buckets - 1), h_0 = buckets - 1;
+# the looked-up row is multiplied by a +-1 sign row (x_{t-1} XOR x_t) mod 8192 (row 0 at t = 0).
+BIGRAM_MULTIPLIERS = (36313, 27191)  # of x_t, x_{t-1}
+SIGN_ROWS = 8192
+SIGN_MULTIPLIERS = (1, 1)
+
+# Value embeddings: table k of value_embeds (rows k*V .. (k+1)*V - 1) feeds layer VALUE_EMBED_LAYERS[k]. Layers
+# 1, 2, 8, 9 gate it per head with ve_gate_bank[k]: 2 sigmoid([a[:6], ve[:6]] G_k^T); layer 10's gate comes
+# from MUDD0 (ve_gate_bank[4] is not read: the public script keeps it).
+VALUE_EMBED_LAYERS = (1, 2, 8, 9, 10)
+VE_GATE_INPUTS = 6  # dims of the attention input and of the value embedding the gate reads
+
+# MUDD gate networks: (GELU(z W1^T) W2^T + b2) * scale, W2 zero at init, so each output starts at its init
+# value; b2 is stored divided by the scale. The pre and post gates learn their scale; MUDD0/1 use it fixed.
+GATE_SCALE_INIT = 0.1
+PRE_GATE_OUTPUTS, POST_GATE_OUTPUTS = 26, 41
+# Where each per-token gate is read: (gate network, its output columns).
+XSA_ALPHA_COLUMNS = {1: ("pre", slice(0, 6)), 3: ("pre", slice(6, 12)),
+                     4: ("post", slice(0, 6)), 7: ("post", slice(6, 12))}  # XSA coefficient tanh(alpha)
+OUTPUT_GATE_COLUMNS = {3: ("pre", slice(12, 18)), 10: ("post", slice(12, 18))}
+INJECTED_LAYERS = {"pre": (0, 1, 2, 3), "post": (4, 5, 7, 8, 9)}  # the j-th: x0 gate at 18+2j, bigram 19+2j
+INJECTION_FIRST_COLUMN = 18
+X0_GATE_COLUMNS = {layer: (net, slice(INJECTION_FIRST_COLUMN + 2 * j, INJECTION_FIRST_COLUMN + 2 * j + 1))
+                   for net, layers in INJECTED_LAYERS.items() for j, layer in enumerate(layers)}
+BIGRAM_GATE_COLUMNS = {layer: (net, slice(columns.start + 1, columns.stop + 1))
+                       for layer, (net, columns) in X0_GATE_COLUMNS.items()}
+SKIP_GATE_COLUMNS = ("post", slice(28, 29))
+DC_W1_COLUMNS, DC_W2_COLUMNS = ("post", slice(29, 35)), ("post", slice(35, 41))  # layer 10's DC weights
+OUTPUT_GATE_INIT, BIGRAM_GATE_INIT, SKIP_GATE_INIT, DC_W1_INIT = 0.25, 0.05, 0.5, 1.0  # the other gates: 0
+
+# MUDD0: 14 per-token coefficients mu for layer 10 (cache0: layer 0's input, cache7: after layer 7, x: layer
+# 10's input). v_mudd = mu0 cache0 + mu1 cache7 + mu2 x;  x <- (1 + mu5) x + mu3 cache0 + mu4 cache7;
+# aux_v = (mu6 on heads 0-2, mu7 on heads 3-5) ve_4 + v_mudd;  after attention y:
+# x <- mu8 x + mu9 y + mu10 cache0 + mu11 b;  after the MLP: x <- mu12 x + mu13 MLP(norm(x)).
+(MU_V_CACHE0, MU_V_CACHE7, MU_V_X, MU_X_CACHE0, MU_X_CACHE7, MU_X_EXTRA, MU_VE_FIRST_HEADS, MU_VE_LAST_HEADS,
+ MU_ATTN_X, MU_ATTN_Y, MU_ATTN_CACHE0, MU_ATTN_BIGRAM, MU_MLP_X, MU_MLP_Y) = range(14)
+MUDD0_INIT = {MU_VE_FIRST_HEADS: 2.0, MU_VE_LAST_HEADS: 2.0, MU_ATTN_X: RESID_LAMBDA_INIT, MU_ATTN_Y: 1.0,
+              MU_ATTN_BIGRAM: BIGRAM_GATE_INIT, MU_MLP_X: RESID_LAMBDA_INIT, MU_MLP_Y: 1.0}
+MUDD0_OUTPUTS = 14
+# MUDD1, after the loop: x += nu0 cache0 + nu1 cache7 + nu2 cache9 + nu3 ve_0 + nu4 cache3 (cache9: layer 10's
+# input). nu1 starts at -0.5: the earlier records' "backout" of the layer-7 residual.
+NU_CACHE0, NU_CACHE7, NU_CACHE9, NU_VE0, NU_CACHE3 = range(5)
+MUDD1_INIT = {NU_CACHE7: -0.5}
+MUDD1_OUTPUTS = 5
+
+# Kept in fp32 on the GPU (fact sheet 2.8); every other parameter is bf16 there.
+FP32_PARAMETERS = ("scalars", "resid_lambdas", "post_lambdas", "pre_gate.scale", "post_gate.scale")
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    # no eps, as the public script: PyTorch then uses finfo(float32).eps, also for bf16 input (fact sheet 2.1)
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+def uniform_init_(weight: Tensor, std_times_sqrt_fan_in: float) -> Tensor:
+    """U(-b, b) with b = sqrt(3) * std: std = std_times_sqrt_fan_in / sqrt(fan_in), fan_in = the last dim."""
+    bound = 3**0.5 * std_times_sqrt_fan_in / weight.size(-1) ** 0.5
+    return weight.uniform_(-bound, bound)
+
+
+def ngram_hash(inputs: Tensor, multipliers: tuple[int, ...], modulus: int, missing: int) -> Tensor:
+    """(XOR over k of multipliers[k] * x_{t-k}) mod modulus for every position t of inputs (T,), in int32 (the
+    products wrap around as on the GPU; the remainder is non-negative). The first len(multipliers) - 1
+    positions, short of history, get `missing`. Over the packed stream: it crosses documents, as the public
+    script's. Returns (T,) int32."""
+    tokens = inputs.to(torch.int32)
+    length, history = tokens.numel(), len(multipliers) - 1
+    mixed = tokens[history:] * multipliers[0]
+    for k in range(1, history + 1):
+        mixed = mixed ^ (tokens[history - k:length - k] * multipliers[k])
+    return torch.cat([tokens.new_full((min(history, length),), missing), torch.remainder(mixed, modulus)])
+
+
+def bigram_hash(inputs: Tensor, buckets: int) -> Tensor:
+    """The bigram table's row of every position of inputs (T,): (T,) int32 in [0, buckets)."""
+    return ngram_hash(inputs, BIGRAM_MULTIPLIERS, buckets - 1, missing=buckets - 1)
+
+
+def bigram_sign_rows(inputs: Tensor) -> Tensor:
+    """The sign table's row of every position of inputs (T,): (T,) int32 in [0, SIGN_ROWS)."""
+    return ngram_hash(inputs, SIGN_MULTIPLIERS, SIGN_ROWS, missing=0)
+
+
+def bigram_sign_table(seed: int, dim: int) -> Tensor:
+    """(SIGN_ROWS, dim) of +-1 from a generator of its own: the same table on every rank without a broadcast
+    (the public script's is unseeded and broadcast), and the other initialisations keep their random stream."""
+    generator = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 2, (SIGN_ROWS, dim), generator=generator, device="cpu")
+    return (2 * bits - 1).float()
+
+
+def smear(e: Tensor, gate_weight: Tensor, smear_lambda: Tensor) -> Tensor:
+    """e (T, d): e_t + lambda * sigmoid(w . e_t[:12]) * e_{t-1} for t >= 1. Crosses document boundaries, as the
+    public script does."""
+    gate = torch.sigmoid(F.linear(e[1:, :SMEAR_GATE_INPUTS], gate_weight))  # (T - 1, 1)
+    return torch.cat([e[:1], e[1:] + smear_lambda * gate * e[:-1]])
+
+
+def relu_square_mlp(x: Tensor, fc: Tensor, proj: Tensor) -> Tensor:
+    """relu(x fc^T)^2 proj for the normed x (T, d); fc, proj (hidden, d), proj used without a transpose."""
+    return F.relu(F.linear(x, fc)).square() @ proj
+
+
+class GateNetwork(nn.Module):
+    """Per-token gates (T, outputs) from z (T, d): (GELU(z W1^T) W2^T + b2) * scale. W1 is Kaiming-uniform
+    (U(+-1/sqrt(d))), W2 zero: at init every output equals its init value, whatever z."""
+
+    def __init__(self, dim: int, hidden: int, init_values: Tensor, learnable_scale: bool):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(hidden, dim).uniform_(-dim**-0.5, dim**-0.5))
+        self.w2 = nn.Parameter(torch.zeros(len(init_values), hidden))
+        self.b2 = nn.Parameter(init_values / GATE_SCALE_INIT)  # stored divided by the scale
+        if learnable_scale:
+            self.scale = nn.Parameter(torch.tensor(GATE_SCALE_INIT))
+        else:
+            self.scale = GATE_SCALE_INIT
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.linear(F.gelu(F.linear(z, self.w1)), self.w2, self.b2) * self.scale
+
+
+def gate_init_values(net: str, outputs: int) -> Tensor:
+    """(outputs,) the init value of each output of the pre or the post gate, from the column tables above."""
+    values = torch.zeros(outputs)
+    assignments = [(OUTPUT_GATE_COLUMNS.values(), OUTPUT_GATE_INIT), (BIGRAM_GATE_COLUMNS.values(), BIGRAM_GATE_INIT),
+                   ([SKIP_GATE_COLUMNS], SKIP_GATE_INIT), ([DC_W1_COLUMNS], DC_W1_INIT)]
+    for places, value in assignments:
+        for place_net, columns in places:
+            if place_net == net:
+                values[columns] = value
+    return values
+
+
+def coefficient_init_values(init: dict[int, float], outputs: int) -> Tensor:
+    return torch.tensor([init.get(k, 0.0) for k in range(outputs)])
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Parameter(uniform_init_(torch.empty(hidden, dim), MATRIX_INIT_STD))
+        self.proj = nn.Parameter(torch.zeros(hidden, dim))  # (hidden, d): out = relu(x fc^T)^2 proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        return relu_square_mlp(x, self.fc, self.proj)
+
+
+class Block(nn.Module):
+    """Layer i's weights: attention (none on layer 6) and the MLP; the update itself is GPT.layer."""
+
+    def __init__(self, s: Settings, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(s, layer) if layer in ATTENTION_LAYERS else None
+        self.mlp = MLP(s.model_dim, s.mlp_hidden)
+
+
+@dataclass
+class LayerInputs:
+    """What the layers read besides the residual x, for one forward over T tokens."""
+    x0: Tensor  # (T, d) normed smeared token embedding
+    bigram: Tensor  # (T, d) signed bigram vector b
+    value_embeds: Tensor  # (5, T, d): table k feeds layer VALUE_EMBED_LAYERS[k]
+    pre_gates: Tensor  # (T, PRE_GATE_OUTPUTS)
+    masks: AttentionMasks  # this buffer's, from GPT.masks_for
+    slot: int  # the accumulation slot: selects the FP8 MLP scale state once the MLP runs through section 5
+    caches: dict[int, Tensor]  # residual snapshots: 0 (layer 0's input), 3, 7 (after their MLPs), 9
+    post_gates: Tensor | None = None  # (T, POST_GATE_OUTPUTS), from the start of layer 4
+
+    def gate(self, place: tuple[str, slice]) -> Tensor:
+        net, columns = place
+        return (self.pre_gates if net == "pre" else self.post_gates)[:, columns]
+
+
+class GPT(nn.Module):
+    """The record's 11-layer network up to the normed final hidden states (the loss is section 5's). Parameter
+    names are the optimizer's keys (section 6); the buffers tied, long_window_tokens and the rotary's are
+    training state."""
+
+    def __init__(self, s: Settings, attention_backend: str):
+        super().__init__()
+        self.block_size, self.attention_backend = s.block_size, attention_backend
+        self.num_heads, self.head_dim, self.bigram_buckets = s.num_heads, s.head_dim, s.bigram_buckets
+        dim, vocab = s.model_dim, padded_vocab_size(s.vocab_size)
+        self.lm_head = nn.Parameter(torch.empty(dim, vocab).normal_(0.0, HEAD_INIT_STD))  # (d, V)
+        # The token embedding is lm_head^T while tied (its gradient flows into lm_head); untie() fills embed.
+        self.embed = nn.Parameter(self.lm_head.detach().T.clone())  # (V, d)
+        self.register_buffer("tied", torch.tensor(True))
+        self.embedding_is_head = True  # Python copy of `tied`: the forward branches on it without a device read
+        self.bigram_embed = nn.Parameter(torch.zeros(s.bigram_buckets, dim))
+        self.register_buffer("bigram_signs", bigram_sign_table(s.seed, dim).to(torch.get_default_device()))
+        self.value_embeds = nn.Parameter(torch.randn(len(VALUE_EMBED_LAYERS) * vocab, dim) * VALUE_EMBED_INIT_STD)
+        self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_INPUTS))
+        scalars = torch.tensor(ATTENTION_LAMBDAS_INIT * NUM_LAYERS + (SMEAR_LAMBDA_INIT, SKIP_LAMBDA_INIT))
+        self.scalars = nn.Parameter(scalars)
+        self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), RESID_LAMBDA_INIT))  # (attention, MLP)
+        self.post_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), POST_LAMBDA_INIT))
+        self.ve_gate_bank = nn.Parameter(torch.zeros(len(VALUE_EMBED_LAYERS), s.num_heads, 2 * VE_GATE_INPUTS))
+        self.pre_gate = GateNetwork(dim, s.gate_hidden, gate_init_values("pre", PRE_GATE_OUTPUTS), True)
+        self.post_gate = GateNetwork(dim, s.gate_hidden, gate_init_values("post", POST_GATE_OUTPUTS), True)
+        self.mudd0 = GateNetwork(dim, s.gate_hidden, coefficient_init_values(MUDD0_INIT, MUDD0_OUTPUTS), False)
+        self.mudd1 = GateNetwork(dim, s.gate_hidden, coefficient_init_values(MUDD1_INIT, MUDD1_OUTPUTS), False)
+        self.blocks = nn.ModuleList(Block(s, i) for i in range(NUM_LAYERS))
+        self.rotary = Rotary(s.head_dim)  # shared by the layers; YaRN changes it with the long window
+        self.register_buffer("long_window_tokens", torch.tensor(0))  # the rotary's long window; 0: not set yet
+        self.long_window = 0  # Python copy of long_window_tokens
+        self.register_load_state_dict_post_hook(GPT._read_host_copies)
+
+    @staticmethod
+    def _read_host_copies(module: "GPT", incompatible_keys):
+        # a loaded checkpoint decides; one device read per buffer, at load, never in a step
+        module.embedding_is_head = bool(module.tied)
+        module.long_window = int(module.long_window_tokens)
+
+    def untie(self):
+        """From now on the token embedding is its own parameter, starting as lm_head^T."""
+        if not self.embedding_is_head:
+            raise RuntimeError("the embedding and the LM head are already untied")
+        with torch.no_grad():
+            self.embed.copy_(self.lm_head.T)
+            self.tied.fill_(False)
+        self.embedding_is_head = False
+
+    def set_long_window(self, tokens: int):
+        """The training long window, in tokens; call it before each step (it acts only on a change). The first
+        call only records it: the rotary starts at the first stage's window. A change updates the rotary by
+        YaRN. The final validation's wider window takes no update (as the public script), so it is not set."""
+        if tokens == self.long_window:
+            return
+        if self.long_window:
+            self.rotary.apply_yarn(self.long_window, tokens)
+        self.long_window = tokens
+        self.long_window_tokens.fill_(tokens)
+
+    def masks_for(self, batch, short_blocks: int, long_blocks: int) -> AttentionMasks:
+        return attention_masks(batch.document_ids, short_blocks, long_blocks, self.block_size, self.attention_backend)
+
+    def hidden(self, batch, masks: AttentionMasks, slot: int) -> Tensor:
+        """The normed final hidden states (T, d) of batch.inputs (T,)."""
+        x, inputs = self.embed_inputs(batch.inputs, masks, slot)
+        for i in range(NUM_LAYERS):
+            x = self.layer(i, x, inputs)
+        return rms_norm(self.final_mix(x, inputs))
+
+    def embed_inputs(self, tokens: Tensor, masks: AttentionMasks, slot: int) -> tuple[Tensor, LayerInputs]:
+        """Layer 0's input x = x0 + g_b b (T, d), and what the layers read."""
+        table = self.lm_head.T if self.embedding_is_head else self.embed  # (V, d)
+        x0 = rms_norm(smear(F.embedding(tokens, table), self.smear_gate, self.scalars[SMEAR_LAMBDA]))
+        bigram = (F.embedding(bigram_hash(tokens, self.bigram_buckets), self.bigram_embed)
+                  * F.embedding(bigram_sign_rows(tokens), self.bigram_signs))
+        vocab = self.lm_head.size(1)
+        table_offsets = torch.arange(len(VALUE_EMBED_LAYERS), device=tokens.device)[:, None] * vocab
+        value_embeds = F.embedding(tokens[None, :] + table_offsets, self.value_embeds)  # (5, T, d)
+        inputs = LayerInputs(x0, bigram, value_embeds, self.pre_gate(x0), masks, slot, caches={})
+        x = inputs.caches[0] = x0 + inputs.gate(BIGRAM_GATE_COLUMNS[0]) * bigram
+        return x, inputs
+
+    def layer(self, i: int, x: Tensor, inputs: LayerInputs) -> Tensor:
+        """Layer i's update of the residual x (T, d); records the post gate and the caches on the way."""
+        if i == POST_GATE_LAYER:
+            inputs.post_gates = self.post_gate(x)
+        if i == MUDD_LAYER:
+            return self.mudd_layer(x, inputs)
+        if i == SKIP_LAYER:
+            skip_weight = torch.sigmoid(self.scalars[SKIP_LAMBDA]) * inputs.gate(SKIP_GATE_COLUMNS)
+            x = x + skip_weight * inputs.caches[3]
+        else:
+            a = rms_norm(inputs.caches[7] if i in LAYER7_READERS else x)
+            y = self.attention(i, a, inputs, self.value_addition(i, a, inputs))
+            x = (self.resid_lambdas[i, 0] * x + self.post_lambdas[i, 0] * y
+                 + inputs.gate(X0_GATE_COLUMNS[i]) * inputs.x0)
+            if i > 0:  # layer 0's bigram vector is in its input already
+                x = x + inputs.gate(BIGRAM_GATE_COLUMNS[i]) * inputs.bigram
+        x = self.resid_lambdas[i, 1] * x + self.post_lambdas[i, 1] * self.blocks[i].mlp(rms_norm(x))
+        if i in CACHED_LAYERS:
+            inputs.caches[i] = x
+        return x
+
+    def attention(self, i: int, a: Tensor, inputs: LayerInputs, aux_v: Tensor | None) -> Tensor:
+        """Layer i's attention on the normed input a (T, d), with the per-token gates it takes."""
+        def columns(table: dict) -> Tensor | None:
+            return inputs.gate(table[i]) if i in table else None
+
+        dc = (inputs.gate(DC_W1_COLUMNS), inputs.gate(DC_W2_COLUMNS)) if i == MUDD_LAYER else (None, None)
+        return self.blocks[i].attn(a, inputs.masks, self.rotary, self.scalars[2 * i:2 * i + 2], aux_v=aux_v,
+                                   xsa_alpha=columns(XSA_ALPHA_COLUMNS), output_gate=columns(OUTPUT_GATE_COLUMNS),
+                                   dc_w1=dc[0], dc_w2=dc[1])
+
+    def value_addition(self, i: int, a: Tensor, inputs: LayerInputs) -> Tensor | None:
+        """aux_v (T, heads, head_dim) added to layer i's values: the value embedding, gated per head by
+        2 sigmoid([a[:6], ve[:6]] G^T) (G = 0 at init: gate 1). Layer 10's comes from mudd_layer."""
+        if i not in VALUE_EMBED_LAYERS:
+            return None
+        table = VALUE_EMBED_LAYERS.index(i)
+        ve = inputs.value_embeds[table]  # (T, d)
+        gate_input = torch.cat([a[:, :VE_GATE_INPUTS], ve[:, :VE_GATE_INPUTS]], dim=-1)  # (T, 12)
+        head_gates = 2 * torch.sigmoid(F.linear(gate_input, self.ve_gate_bank[table]))  # (T, heads)
+        return head_gates[:, :, None] * ve.view(-1, self.num_heads, self.head_dim)
+
+    def mudd_layer(self, x: Tensor, inputs: LayerInputs) -> Tensor:
+        """Layer 10, mixed by MUDD0's 14 coefficients (see MU_* above)."""
+        caches, num_tokens = inputs.caches, x.size(0)
+        caches[9] = x
+        mu = self.mudd0(x)  # (T, 14)
+
+        def m(k: int) -> Tensor:
+            return mu[:, k:k + 1]  # (T, 1)
+
+        v_mudd = m(MU_V_CACHE0) * caches[0] + m(MU_V_CACHE7) * caches[7] + m(MU_V_X) * x
+        x = (1 + m(MU_X_EXTRA)) * x + m(MU_X_CACHE0) * caches[0] + m(MU_X_CACHE7) * caches[7]
+        half = self.num_heads // 2
+        head_gates = torch.cat([m(MU_VE_FIRST_HEADS).expand(num_tokens, half),
+                                m(MU_VE_LAST_HEADS).expand(num_tokens, half)], dim=1)  # (T, heads)
+        ve = inputs.value_embeds[VALUE_EMBED_LAYERS.index(MUDD_LAYER)]
+        aux_v = (head_gates[:, :, None] * ve.view(num_tokens, self.num_heads, self.head_dim)
+                 + v_mudd.view(num_tokens, self.num_heads, self.head_dim))
+        y = self.attention(MUDD_LAYER, rms_norm(caches[7]), inputs, aux_v)
+        x = m(MU_ATTN_X) * x + m(MU_ATTN_Y) * y + m(MU_ATTN_CACHE0) * caches[0] + m(MU_ATTN_BIGRAM) * inputs.bigram
+        return m(MU_MLP_X) * x + m(MU_MLP_Y) * self.blocks[MUDD_LAYER].mlp(rms_norm(x))
+
+    def final_mix(self, x: Tensor, inputs: LayerInputs) -> Tensor:
+        """MUDD1 after the loop: x + sum of nu_k * (cache0, cache7, cache9, ve_0, cache3)."""
+        nu = self.mudd1(x)  # (T, 5)
+        caches = inputs.caches
+        sources = {NU_CACHE0: caches[0], NU_CACHE7: caches[7], NU_CACHE9: caches[9],
+                   NU_VE0: inputs.value_embeds[0], NU_CACHE3: caches[3]}
+        for k, source in sources.items():
+            x = x + nu[:, k:k + 1] * source
+        return x
+
+
+def build_model(s: Settings, runtime: Runtime) -> GPT:
+    """The seeded model on the runtime's device, in the fact sheet's dtypes (bf16 on the GPU but the
+    FP32_PARAMETERS; fp32 on CPU)."""
+    torch.manual_seed(s.seed)
+    with runtime.device:
+        model = GPT(s, runtime.attention_backend)
+    for name, parameter in model.named_parameters():
+        if name not in FP32_PARAMETERS:
+            parameter.data = parameter.data.to(runtime.compute_dtype)
+    model.bigram_signs = model.bigram_signs.to(runtime.compute_dtype)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
