@@ -17,7 +17,7 @@ import functools
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.utils.checkpoint import checkpoint
 
 import harness
 from harness import (FRACTION, MOMENTUM, NON_NEGATIVE, POSITIVE, DataError, MemorySavers, Range, RunSettings,
@@ -1204,6 +1205,417 @@ def build_model(s: Settings, runtime: Runtime) -> GPT:
 
 # ----------------------------------------------------------------------------------------------------
 # 5. Loss and FP8 ops
+# The training loss (soft-capped logits, multi-token prediction and the prefix target, summed over tokens),
+# the validation loss, the prefix table, and the FP8 matmuls of training (LM head, MLP) with record 89's
+# numerics. Every FP8 product goes through scaled_mm: torch._scaled_mm on CUDA; on CPU the same arithmetic
+# as an fp32 matmul of the FP8 values (CPU _scaled_mm is ~2,000x slower than fp32). No host syncs: scales
+# stay on the device.
+
+LOGIT_CAP = 23.0  # soft-capped logits z = LOGIT_CAP * sigmoid((logits + LOGIT_SHIFT) / LOGIT_SOFTNESS)
+LOGIT_SHIFT = 5.0
+LOGIT_SOFTNESS = 7.5
+TRAIN_LOSS_CHUNK_TOKENS = 16 * 1024  # tokens per head+loss chunk in training (recomputed in backward)
+EVAL_LOGITS_CHUNK = 16 * 1024  # tokens per head+loss chunk in validation (bounds the fp32 logits)
+FP8_E4M3_MAX = 448.0
+FP8_E5M2_MAX = 57344.0
+HEAD_X_RANGE = 100.0  # FP8 head, fixed scales: x / (HEAD_X_RANGE / 448) and W / (HEAD_W_RANGE / 448) to e4m3,
+HEAD_W_RANGE = 1.6  # the logit gradient / (HEAD_GRAD_RANGE / 448) to e5m2
+HEAD_GRAD_RANGE = 0.75
+MLP_ACT_HEADROOM = 1.8  # MLP down-projection, delayed scaling: next scale = headroom * this forward's amax / 448
+MLP_WEIGHT_HEADROOM = 1.12
+MLP_CURRENT_AMAX_STEPS = 16  # the first steps scale the down-projection weight by its current amax, no headroom
+AMAX_FLOOR = 1e-12  # an all-zero tensor (the zero-initialised c_proj) still gets a finite scale
+PREFIX_TABLE_FORMAT = 1  # bump when the table's definition changes: cached tables of another format are rebuilt
+
+
+def fp32_scalar(value: float | Tensor, like: Tensor) -> Tensor:
+    """A 0-d fp32 tensor on like's device (made there: no host-to-device copy of a changing value)."""
+    if isinstance(value, Tensor):
+        return value.float()
+    return torch.full((), value, dtype=torch.float32, device=like.device)
+
+
+def to_e4m3(t: Tensor) -> Tensor:
+    return t.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def to_e5m2(t: Tensor) -> Tensor:
+    return t.clamp(-FP8_E5M2_MAX, FP8_E5M2_MAX).to(torch.float8_e5m2)  # saturating, as the public kernel
+
+
+def check_fp8_shapes(a: Tensor, b: Tensor):
+    # cuBLAS FP8 needs every dimension divisible by 16; the CPU emulation accepts more, so check everywhere
+    if a.ndim != 2 or b.ndim != 2 or a.size(1) != b.size(0) or a.size(0) % 16 or a.size(1) % 16 or b.size(1) % 16:
+        raise ValueError(f"FP8 matmul needs (m, k) @ (k, n) with m, k, n divisible by 16, got {tuple(a.shape)} @ "
+                         f"{tuple(b.shape)}")
+
+
+def scaled_mm(a8: Tensor, b8: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+              fast_accum: bool) -> Tensor:
+    """(a8 @ b8) * scale_a * scale_b in out_dtype, accumulated in fp32: a8 (m, k), b8 (k, n) FP8, scales 0-d fp32."""
+    check_fp8_shapes(a8, b8)
+    if a8.is_cuda:
+        # cuBLAS wants a row-major first and a column-major second operand (no copy when they already are)
+        return torch._scaled_mm(a8.contiguous(), b8.T.contiguous().T, scale_a=scale_a, scale_b=scale_b,
+                                out_dtype=out_dtype, use_fast_accum=fast_accum)
+    return (a8.float() @ b8.float()).mul_(scale_a * scale_b).to(out_dtype)
+
+
+# The FP8 LM head: logits = x @ W with fixed scales, as a custom op with its own backward (torch._scaled_mm has
+# no autograd). On CUDA the bodies run under torch.compile, which fuses each scale + cast (+ transposed copy)
+# into one kernel; on CPU they run eagerly.
+
+
+def fp8_head_forward_body(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    x_f8 = to_e4m3(x.float() / (HEAD_X_RANGE / FP8_E4M3_MAX))
+    w_f8 = to_e4m3(w.float() / (HEAD_W_RANGE / FP8_E4M3_MAX))
+    logits = scaled_mm(x_f8, w_f8, fp32_scalar(HEAD_X_RANGE / FP8_E4M3_MAX, x),
+                       fp32_scalar(HEAD_W_RANGE / FP8_E4M3_MAX, x), x.dtype, fast_accum=True)
+    return logits, x_f8, w_f8
+
+
+def fp8_head_backward_body(grad: Tensor, x_f8: Tensor, w_f8: Tensor) -> tuple[Tensor, Tensor]:
+    grad_f8 = to_e5m2(grad.float() / (HEAD_GRAD_RANGE / FP8_E4M3_MAX))
+    grad_scale = fp32_scalar(HEAD_GRAD_RANGE / FP8_E4M3_MAX, grad)
+    grad_x = scaled_mm(grad_f8, w_f8.T, grad_scale, fp32_scalar(HEAD_W_RANGE / FP8_E4M3_MAX, grad), grad.dtype,
+                       fast_accum=False)
+    grad_w = scaled_mm(x_f8.T, grad_f8, fp32_scalar(HEAD_X_RANGE / FP8_E4M3_MAX, grad), grad_scale, torch.float32,
+                       fast_accum=False)
+    return grad_x, grad_w
+
+
+# dynamic=False: one static graph per operand shape (one per chunk length)
+fp8_head_forward_compiled = torch.compile(fp8_head_forward_body, dynamic=False)
+fp8_head_backward_compiled = torch.compile(fp8_head_backward_body, dynamic=False)
+
+
+@torch.library.custom_op("record89::fp8_head", mutates_args=())
+def fp8_head_op(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x (T, d) @ w (d, V) in FP8: (logits in x's dtype, x in e4m3, w in e4m3)."""
+    if not (x.is_contiguous() and w.is_contiguous()):
+        raise ValueError("the FP8 head needs contiguous x (tokens, d) and w (d, vocab)")
+    return (fp8_head_forward_compiled if x.is_cuda else fp8_head_forward_body)(x, w)
+
+
+@fp8_head_op.register_fake
+def _(x: Tensor, w: Tensor):
+    return (x.new_empty(x.size(0), w.size(1)), torch.empty_like(x, dtype=torch.float8_e4m3fn),
+            torch.empty_like(w, dtype=torch.float8_e4m3fn))
+
+
+@torch.library.custom_op("record89::fp8_head_backward", mutates_args=())
+def fp8_head_backward_op(grad: Tensor, x_f8: Tensor, w_f8: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad_x in grad's dtype, grad_w in fp32) of the FP8 head."""
+    return (fp8_head_backward_compiled if grad.is_cuda else fp8_head_backward_body)(grad, x_f8, w_f8)
+
+
+@fp8_head_backward_op.register_fake
+def _(grad: Tensor, x_f8: Tensor, w_f8: Tensor):
+    return grad.new_empty(x_f8.shape), grad.new_empty(w_f8.shape, dtype=torch.float32)
+
+
+def _fp8_head_setup_context(ctx, inputs, output):
+    _, x_f8, w_f8 = output
+    ctx.save_for_backward(x_f8, w_f8)
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.set_materialize_grads(False)
+
+
+def _fp8_head_backward(ctx, grad_logits, *_unused_grads):
+    x_f8, w_f8 = ctx.saved_tensors
+    grad_x, grad_w = fp8_head_backward_op(grad_logits, x_f8, w_f8)
+    return grad_x, grad_w.to(ctx.weight_dtype)  # dW comes out in fp32; the parameter's gradient has its dtype
+
+
+fp8_head_op.register_autograd(_fp8_head_backward, setup_context=_fp8_head_setup_context)
+
+
+def head_logits(x: Tensor, head_weight: Tensor, fp8: bool) -> Tensor:
+    """x (T, d) @ head_weight (d, V): through the FP8 head op, or a plain matmul in x's dtype."""
+    if fp8:
+        return fp8_head_op(x, head_weight)[0]
+    return x @ head_weight.type_as(x)
+
+
+def softcap(logits: Tensor) -> Tensor:
+    """z = 23 sigmoid((logits + 5) / 7.5), in the logits' dtype (bf16 on GPU, as the public validation)."""
+    return LOGIT_CAP * torch.sigmoid((logits + LOGIT_SHIFT) / LOGIT_SOFTNESS)
+
+
+def softcap_fraction(logits: Tensor) -> Tensor:
+    """u = sigmoid((logits + 5) / 7.5) (z = 23 u): fp32 (fp64 stays), rounded to the logits' dtype as the public
+    kernel stores it in bf16."""
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.sigmoid((wide + LOGIT_SHIFT) / LOGIT_SOFTNESS).to(logits.dtype).to(wide.dtype)
+
+
+class SoftcappedMultiTargetCE(torch.autograd.Function):
+    """sum over rows and targets of weight * CE(softcap(logits row), target); the gradient of a row is the
+    public kernel's: grad_scale * (23/7.5) u(1-u) (softmax_weight * softmax(z) - sum of the matching weights)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target_ids: Tensor, target_weights: Tensor, softmax_weight: Tensor) -> Tensor:
+        # logits (C, V); target_ids, target_weights (C, J) with weight 0 where the id is -1; softmax_weight (C,)
+        z = LOGIT_CAP * softcap_fraction(logits)  # (C, V) fp32
+        lse = torch.logsumexp(z, dim=-1)  # (C,): once per row for all J targets
+        target_z = z.gather(1, target_ids.clamp_min(0))  # (C, J)
+        ctx.save_for_backward(logits, target_ids, target_weights, softmax_weight, lse)
+        return (target_weights * (lse[:, None] - target_z)).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        logits, target_ids, target_weights, softmax_weight, lse = ctx.saved_tensors
+        u = softcap_fraction(logits)
+        grad_z = torch.exp(LOGIT_CAP * u - lse[:, None]).mul_(softmax_weight[:, None])
+        grad_z.scatter_add_(1, target_ids.clamp_min(0), -target_weights.to(grad_z.dtype))
+        grad_logits = grad_z.mul_(u * (1 - u)).mul_(grad_loss * (LOGIT_CAP / LOGIT_SOFTNESS))
+        return grad_logits.to(logits.dtype), None, None, None
+
+
+def training_loss_chunk(hidden: Tensor, head_weight: Tensor, target_ids: Tensor, target_weights: Tensor,
+                        softmax_weight: Tensor, fp8: bool) -> Tensor:
+    """The summed loss of one chunk of rows (see training_loss); section 8 may compile it."""
+    return SoftcappedMultiTargetCE.apply(head_logits(hidden, head_weight, fp8), target_ids, target_weights,
+                                         softmax_weight)
+
+
+def training_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, prefix_targets: Tensor, mtp_weights: Tensor,
+                  prefix_weight: Tensor, fp8: bool, chunk_tokens: int = TRAIN_LOSS_CHUNK_TOKENS,
+                  chunk_loss: Callable = training_loss_chunk) -> Tensor:
+    """The training objective of one buffer, SUMMED over its tokens (fact sheet 2.7):
+    sum_t [ sum_k w_k CE(z_t, targets[t + k - 1]) (k = 1..K, only where t + k - 1 < T) + w_p CE(z_t, prefix_t)
+    (only where prefix_t >= 0) ], with z = 23 sigmoid((hidden @ head_weight + 5) / 7.5) over all padded columns
+    and no masking at document boundaries.
+
+    hidden (T, d) normed final states in the compute dtype; head_weight (d, V); targets (T,) int64, the buffer's
+    shifted targets; prefix_targets (T,) int64, -1 where none; mtp_weights (K,) and prefix_weight () device
+    tensors (they change per step without a recompile; K changes per stage). fp8: the head matmul in FP8.
+    Chunks of chunk_tokens rows are recomputed in backward, so only one chunk's logits live at a time.
+    The gradient is the public kernel's: the softmax term of a row is weighted by prefix_weight (where the prefix
+    is valid) plus ALL K MTP weights, also in the last K - 1 rows whose loss skips the targets past the buffer's
+    end. There the gradient is not that of the loss returned, as in the public script (fact sheet section 3)."""
+    num_mtp = mtp_weights.numel()
+    # column k - 1 holds the target of offset k, -1 past the buffer's end; the last column the prefix target
+    offset_targets = [F.pad(targets[k:], (0, k), value=-1) for k in range(num_mtp)]
+    target_ids = torch.stack(offset_targets + [prefix_targets], dim=1)  # (T, K + 1)
+    weights = torch.cat([mtp_weights, prefix_weight.view(1)]).float()  # (K + 1,)
+    target_weights = torch.where(target_ids >= 0, weights, 0.0)  # (T, K + 1)
+    softmax_weight = mtp_weights.float().sum() + torch.where(prefix_targets >= 0, prefix_weight.float(), 0.0)  # (T,)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, targets.numel(), chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        chunk = (hidden[rows], head_weight, target_ids[rows], target_weights[rows], softmax_weight[rows], fp8)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(chunk_loss, *chunk, use_reentrant=False)  # keeps the inputs, recomputes logits
+        else:
+            total = total + chunk_loss(*chunk)
+    return total
+
+
+def validation_loss_sum(hidden: Tensor, head_weight: Tensor, targets: Tensor,
+                        chunk_tokens: int = EVAL_LOGITS_CHUNK) -> Tensor:
+    """sum of CE(z_t, targets_t) over hidden (T, d): head matmul and softcap in the compute dtype (bf16 on GPU,
+    as the public validation), CE in fp32. Chunked so the fp32 logits of a 262,144-token sequence never exist."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for hidden_chunk, target_chunk in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
+        capped = softcap(head_logits(hidden_chunk, head_weight, fp8=False))
+        total = total + F.cross_entropy(capped.float(), target_chunk, reduction="sum")
+    return total
+
+
+# The prefix table: prefix(y) = the longest proper byte-prefix of token y's bytes that is itself a GPT-2 token,
+# -1 if none (single bytes, the special token, padded ids). Built once from tiktoken's GPT-2 encoding and cached
+# as a small file, so a run (and a GPU machine without the tokenizer) only loads it, outside the timed region.
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "speedrun"
+
+
+def gpt2_encoding():
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+    where = f"not in TIKTOKEN_CACHE_DIR={cache}" if cache else "TIKTOKEN_CACHE_DIR is not set"
+    try:
+        import tiktoken
+        return tiktoken.get_encoding("gpt2")
+    except Exception as error:  # ImportError, or a failed download with various requests/OS errors
+        raise DataError(f"the prefix table needs tiktoken's GPT-2 encoding, which could not be loaded ({where}; "
+                        f"{type(error).__name__}): pip install tiktoken, and offline set TIKTOKEN_CACHE_DIR to a "
+                        f"folder holding the encoding") from None
+
+
+def compute_prefix_table(vocab_size: int, padded_vocab: int) -> Tensor:
+    encoding = gpt2_encoding()
+    if vocab_size > encoding.n_vocab:
+        raise DataError(f"--vocab_size={vocab_size} exceeds the GPT-2 encoding's {encoding.n_vocab} tokens: the "
+                        "prefix table needs GPT-2 token ids")
+    special = {encoding.encode_single_token(token) for token in encoding.special_tokens_set}
+    token_bytes = {token: encoding.decode_single_token_bytes(token) for token in range(vocab_size)
+                   if token not in special}
+    token_of = {data: token for token, data in token_bytes.items()}
+    table = [-1] * padded_vocab
+    for token, data in token_bytes.items():
+        for end in range(len(data) - 1, 0, -1):  # longest proper prefix first
+            if data[:end] in token_of:
+                table[token] = token_of[data[:end]]
+                break
+    return torch.tensor(table, dtype=torch.int64)
+
+
+def load_cached_prefix_table(path: Path, vocab_size: int, padded_vocab: int) -> Tensor | None:
+    """The cached table, or None when it is missing, unreadable or of another format or size (stale)."""
+    try:
+        cached = torch.load(path, weights_only=True)
+    except Exception:  # missing, truncated or not a torch file: rebuilt
+        return None
+    expected = dict(format=PREFIX_TABLE_FORMAT, encoding="gpt2", vocab_size=vocab_size, padded_vocab=padded_vocab)
+    if not isinstance(cached, dict) or any(cached.get(key) != value for key, value in expected.items()):
+        return None
+    table = cached.get("table")
+    if (not isinstance(table, Tensor) or table.dtype != torch.int64 or table.shape != (padded_vocab,)
+            or table.min() < -1 or table.max() >= vocab_size or (table[vocab_size:] != -1).any()):
+        return None
+    return table
+
+
+def build_prefix_table(vocab_size: int, padded_vocab: int, cache_dir: Path | None = None) -> Tensor:
+    """(padded_vocab,) int64: each token's prefix token (-1 where none). Loaded from cache_dir (default
+    ~/.cache/speedrun) when a valid copy is there, else built from tiktoken's GPT-2 encoding and cached. Call it
+    at start-up, outside the timed region."""
+    cache_dir = cache_dir or default_cache_dir()
+    path = cache_dir / f"gpt2_prefix_table_{vocab_size}_{padded_vocab}.pt"
+    table = load_cached_prefix_table(path, vocab_size, padded_vocab)
+    if table is not None:
+        return table
+    table = compute_prefix_table(vocab_size, padded_vocab)
+    record = dict(format=PREFIX_TABLE_FORMAT, encoding="gpt2", vocab_size=vocab_size, padded_vocab=padded_vocab,
+                  table=table)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(record, partial)
+        os.replace(partial, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    except OSError:  # a read-only cache only costs the rebuild next time
+        pass
+    return table
+
+
+# The MLP: out = relu(x fc^T)^2 proj, x (T, d), fc and proj (H, d). With FP8 (training):
+# - up-projection: x scaled by 448/amax(x) per call, fc by its own amax/448; scales and quotients in the compute
+#   dtype (bf16 on GPU: the public script rounds them so), the dequant factor in fp32; the pre-activation is
+#   rounded to the compute dtype and squared in it.
+# - down-projection, delayed scaling: post / s_act and proj / s_w to e4m3 (clamped at 448), s_act = 1.8 amax(post
+#   of the previous forward) / 448 (initially 1), s_w = 1.12 amax(proj at the previous forward) / 448, except in
+#   the first 16 forwards where s_w = amax(current proj) / 448. Every training forward rewrites both.
+# - backward in the compute dtype from the saved x, fc, proj and post: dpre = 2 (g proj^T) sqrt(post).
+
+
+class MLPFP8State(nn.Module):
+    """The delayed scales of the FP8 MLP down-projection, per accumulation slot and layer: training state, kept
+    in buffers so that checkpoints and the warm-up's restore include them.
+
+    A slot is one training buffer of a step (Runtime.slots): micro-step k of one rank reads and writes slot k's
+    row, so one rank with 8 micro-steps scales exactly as 8 ranks with one micro-step each. On W ranks a rank
+    writes only its own slots' rows; the rows of the others stay stale here until combined. Pass the slot as a
+    0-d int64 device tensor in compiled code: torch.compile specialises on a python int's value and would compile
+    the step once per slot; a tensor is an input, read with index_select (never .item())."""
+
+    def __init__(self, slots_per_step: int, num_layers: int, device: torch.device | None = None):
+        super().__init__()
+        shape = (slots_per_step, num_layers)
+        self.register_buffer("act_scale", torch.ones(shape, device=device))  # s_act of the next forward
+        self.register_buffer("weight_scale", torch.ones(shape, device=device))  # s_w of the next delayed forward
+        self.register_buffer("forwards", torch.zeros(shape, dtype=torch.int64, device=device))  # training forwards
+
+    def at(self, slot: Tensor | int, layer: int) -> "MLPFP8Slot":
+        """The handle mlp_forward takes for this slot's forward of this layer."""
+        if not isinstance(slot, Tensor):
+            slot = torch.tensor(slot, device=self.act_scale.device)
+        return MLPFP8Slot(self, slot.view(1), layer)
+
+
+@dataclass
+class MLPFP8Slot:
+    state: MLPFP8State
+    slot: Tensor  # (1,) int64
+    layer: int
+
+    def read(self, buffer: Tensor) -> Tensor:
+        return buffer[:, self.layer].index_select(0, self.slot).view(())
+
+    def write(self, buffer: Tensor, value: Tensor):
+        buffer[:, self.layer].index_copy_(0, self.slot, value.view(1).to(buffer.dtype))
+
+
+def fp8_up_projection(x: Tensor, fc: Tensor) -> Tensor:
+    """post = relu(x fc^T)^2 (T, H) in x's dtype, from e4m3 x and fc with per-tensor current scales."""
+    # scales and quotients each rounded once to x's dtype (bf16 on GPU), as the public script; float / tensor
+    # would round a reciprocal first
+    x_amax = x.abs().amax().clamp_min(AMAX_FLOOR)
+    x_f8 = to_e4m3(x * (FP8_E4M3_MAX / x_amax.float()).to(x.dtype))
+    fc = fc.type_as(x)
+    fc_scale = (fc.abs().amax().float().clamp_min(AMAX_FLOOR) / FP8_E4M3_MAX).to(x.dtype)
+    fc_f8 = to_e4m3(fc / fc_scale)
+    dequant = fc_scale.float() * x_amax.float() / FP8_E4M3_MAX  # fp32
+    pre = scaled_mm(x_f8, fc_f8.T, dequant, fp32_scalar(1.0, x), x.dtype, fast_accum=True)
+    return torch.relu(pre).square()
+
+
+def fp8_down_projection(post: Tensor, proj: Tensor, act_scale: Tensor, weight_scale: Tensor) -> Tensor:
+    """post (T, H) @ proj (H, d) from e4m3 operands scaled by the given fp32 scales; output in post's dtype."""
+    post_f8 = to_e4m3(post.float() / act_scale)
+    proj_f8 = to_e4m3(proj.float() / weight_scale)
+    return scaled_mm(post_f8, proj_f8, act_scale, weight_scale, post.dtype, fast_accum=True)
+
+
+class ReLUSquareMLP(torch.autograd.Function):
+    """(out, post): out = relu(x fc^T)^2 proj, through FP8 when the down-projection scales are given; post is
+    returned for its amax (no gradient). Backward in the compute dtype from x, fc, proj and post only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fc: Tensor, proj: Tensor, act_scale: Tensor | None,
+                weight_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+        if act_scale is None:
+            post = torch.relu(x @ fc.type_as(x).T).square()  # (T, H)
+            out = post @ proj.type_as(x)
+        else:
+            post = fp8_up_projection(x, fc)
+            out = fp8_down_projection(post, proj, act_scale, weight_scale)
+        ctx.save_for_backward(x, fc, proj, post)
+        ctx.mark_non_differentiable(post)
+        ctx.set_materialize_grads(False)
+        return out, post
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_post: None):
+        x, fc, proj, post = ctx.saved_tensors
+        grad_relu = grad_out @ proj.type_as(x).T  # (T, H) g proj^T, rounded to the compute dtype
+        # relu'(pre) relu(pre) = sqrt(post): the public kernel keeps only post
+        wide = torch.promote_types(x.dtype, torch.float32)
+        grad_pre = (2 * grad_relu.to(wide) * post.to(wide).sqrt()).to(x.dtype)
+        grad_x = grad_pre @ fc.type_as(x)
+        grad_fc = grad_pre.T @ x
+        grad_proj = post.T @ grad_out
+        return grad_x, grad_fc.to(fc.dtype), grad_proj.to(proj.dtype), None, None
+
+
+def mlp_forward(x: Tensor, fc: Tensor, proj: Tensor, fp8_state: MLPFP8Slot | None) -> Tensor:
+    """relu(x fc^T)^2 proj (T, d) for x (T, d) and fc, proj (H, d). fp8_state (MLPFP8State.at(slot, layer)):
+    a training forward in FP8, which reads and rewrites that slot's delayed scales. None: the compute dtype
+    (evaluation, or FP8 off), and no state is touched."""
+    if fp8_state is None:
+        return ReLUSquareMLP.apply(x, fc, proj, None, None)[0]
+    state = fp8_state.state
+    proj_amax = proj.detach().abs().amax().float().clamp_min(AMAX_FLOOR)
+    delayed = fp8_state.read(state.forwards) >= MLP_CURRENT_AMAX_STEPS
+    weight_scale = torch.where(delayed, fp8_state.read(state.weight_scale), proj_amax / FP8_E4M3_MAX)
+    out, post = ReLUSquareMLP.apply(x, fc, proj, fp8_state.read(state.act_scale), weight_scale)
+    post_amax = post.amax().float().clamp_min(AMAX_FLOOR)
+    # fp32, in the public kernels' order: amax * headroom / 448
+    fp8_state.write(state.act_scale, post_amax * MLP_ACT_HEADROOM / FP8_E4M3_MAX)
+    fp8_state.write(state.weight_scale, proj_amax * MLP_WEIGHT_HEADROOM / FP8_E4M3_MAX)
+    fp8_state.write(state.forwards, fp8_state.read(state.forwards) + 1)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
