@@ -1228,10 +1228,8 @@ AMAX_FLOOR = 1e-12  # an all-zero tensor (the zero-initialised c_proj) still get
 PREFIX_TABLE_FORMAT = 1  # bump when the table's definition changes: cached tables of another format are rebuilt
 
 
-def fp32_scalar(value: float | Tensor, like: Tensor) -> Tensor:
-    """A 0-d fp32 tensor on like's device (made there: no host-to-device copy of a changing value)."""
-    if isinstance(value, Tensor):
-        return value.float()
+def fp32_scalar(value: float, like: Tensor) -> Tensor:
+    """A 0-d fp32 tensor on like's device (made there: no host-to-device copy)."""
     return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
@@ -1506,7 +1504,10 @@ def build_prefix_table(vocab_size: int, padded_vocab: int, cache_dir: Path | Non
 #   rounded to the compute dtype and squared in it.
 # - down-projection, delayed scaling: post / s_act and proj / s_w to e4m3 (clamped at 448), s_act = 1.8 amax(post
 #   of the previous forward) / 448 (initially 1), s_w = 1.12 amax(proj at the previous forward) / 448, except in
-#   the first 16 forwards where s_w = amax(current proj) / 448. Every training forward rewrites both.
+#   the first 16 forwards where s_w = amax(current proj) / 448. Every training forward rewrites both. A slot runs
+#   one forward per step, so its count of forwards is the step (the public script's "step < 16").
+# - fc's scale and e4m3 copy are recomputed in every forward (the public script: once after each optimizer step;
+#   the same values, as fc does not change within a step).
 # - backward in the compute dtype from the saved x, fc, proj and post: dpre = 2 (g proj^T) sqrt(post).
 
 

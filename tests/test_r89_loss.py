@@ -387,3 +387,38 @@ def test_fp8_mlp_backward_matches_autograd_of_the_formula():
     for a, b in zip(got, expected):
         assert ((a - b).norm() / b.norm()) < 0.05  # post comes from the FP8 pre-activation
         assert a.dtype == b.dtype
+
+
+@pytest.mark.slow
+def test_compiled_fp8_mlp_and_loss_chunk_match_eager_without_recompiling_per_slot_or_weights():
+    """fullgraph compile: the slot is a device tensor, so both slots (and new MTP weights) run one graph each."""
+    generator = torch.Generator().manual_seed(9)
+    fc, proj = mlp_weights()
+    eager_state, compiled_state = R.MLPFP8State(2, 1), R.MLPFP8State(2, 1)
+    slots = torch.arange(2)
+
+    def forward(x, state, slot):
+        return R.mlp_forward(x, fc, proj, state.at(slot, 0))
+    compiled = torch.compile(forward, fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(3):
+            for slot in range(2):
+                x = torch.randn(16, 32, generator=generator).requires_grad_()
+                eager_out = forward(x, eager_state, slots[slot])
+                compiled_out = compiled(x, compiled_state, slots[slot])
+                torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(torch.autograd.grad(compiled_out.sum(), x)[0],
+                                           torch.autograd.grad(eager_out.sum(), x)[0], rtol=1e-4, atol=1e-5)
+        for name in ("act_scale", "weight_scale", "forwards"):
+            torch.testing.assert_close(getattr(compiled_state, name), getattr(eager_state, name), rtol=1e-6, atol=0)
+
+        problem = list(random_problem(num_tokens=32, vocab=64, dtype=torch.float32))
+        chunk = torch.compile(R.training_loss_chunk, fullgraph=True, dynamic=False)
+        for mtp_weights in (torch.tensor([1.0, 0.5, 0.25]), torch.tensor([1.0, 0.5, 0.0])):
+            problem[4] = mtp_weights
+            eager = loss_and_gradients(problem, fp8=True, chunk_tokens=16)
+            hidden, head = problem[0].clone().requires_grad_(), problem[1].clone().requires_grad_()
+            loss = R.training_loss(hidden, head, *problem[2:], fp8=True, chunk_tokens=16, chunk_loss=chunk)
+            loss.backward()
+            for a, b in zip((loss, hidden.grad, head.grad), eager):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
