@@ -1504,8 +1504,7 @@ def build_prefix_table(vocab_size: int, padded_vocab: int, cache_dir: Path | Non
 #   rounded to the compute dtype and squared in it.
 # - down-projection, delayed scaling: post / s_act and proj / s_w to e4m3 (clamped at 448), s_act = 1.8 amax(post
 #   of the previous forward) / 448 (initially 1), s_w = 1.12 amax(proj at the previous forward) / 448, except in
-#   the first 16 forwards where s_w = amax(current proj) / 448. Every training forward rewrites both. A slot runs
-#   one forward per step, so its count of forwards is the step (the public script's "step < 16").
+#   the first 16 steps where s_w = amax(current proj) / 448. Every training forward measures both for its slot.
 # - fc's scale and e4m3 copy are recomputed in every forward (the public script: once after each optimizer step;
 #   the same values, as fc does not change within a step).
 # - backward in the compute dtype from the saved x, fc, proj and post: dpre = 2 (g proj^T) sqrt(post).
@@ -1516,23 +1515,34 @@ class MLPFP8State(nn.Module):
     in buffers so that checkpoints and the warm-up's restore include them.
 
     A slot is one training buffer of a step (Runtime.slots): micro-step k of one rank reads and writes slot k's
-    row, so one rank with 8 micro-steps scales exactly as 8 ranks with one micro-step each. On W ranks a rank
-    writes only its own slots' rows; the rows of the others stay stale here until combined. Pass the slot as a
-    0-d int64 device tensor in compiled code: torch.compile specialises on a python int's value and would compile
-    the step once per slot; a tensor is an input, read with index_select (never .item())."""
+    row, so one rank with 8 micro-steps scales exactly as 8 ranks with one micro-step each (the public script
+    keeps one s_act per rank, rewritten by each forward). A forward reads the scales in use and writes what it
+    measured into the next_ buffers; end_step() makes those the scales of the next step. So a forward recomputed
+    in backward (activation checkpointing) reads and writes the same values as the first time. On W ranks a rank
+    measures only its own slots' rows; the others stay stale here until combined.
+    Pass the slot as a 0-d int64 device tensor in compiled code: torch.compile specialises on a python int's
+    value and would compile the step once per slot; a tensor is an input, read with index_select (no .item())."""
 
     def __init__(self, slots_per_step: int, num_layers: int, device: torch.device | None = None):
         super().__init__()
         shape = (slots_per_step, num_layers)
-        self.register_buffer("act_scale", torch.ones(shape, device=device))  # s_act of the next forward
-        self.register_buffer("weight_scale", torch.ones(shape, device=device))  # s_w of the next delayed forward
-        self.register_buffer("forwards", torch.zeros(shape, dtype=torch.int64, device=device))  # training forwards
+        for name in ("act_scale", "weight_scale", "next_act_scale", "next_weight_scale"):
+            self.register_buffer(name, torch.ones(shape, device=device))  # s_act, s_w (fp32); initially 1
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))  # steps ended so far
 
     def at(self, slot: Tensor | int, layer: int) -> "MLPFP8Slot":
         """The handle mlp_forward takes for this slot's forward of this layer."""
         if not isinstance(slot, Tensor):
             slot = torch.tensor(slot, device=self.act_scale.device)
         return MLPFP8Slot(self, slot.view(1), layer)
+
+    @torch.no_grad()
+    def end_step(self):
+        """Call once per optimizer step, after its last backward: this step's measurements become the scales of
+        the next step's forwards (no host sync)."""
+        self.act_scale.copy_(self.next_act_scale)
+        self.weight_scale.copy_(self.next_weight_scale)
+        self.steps.add_(1)
 
 
 @dataclass
@@ -1602,20 +1612,19 @@ class ReLUSquareMLP(torch.autograd.Function):
 
 def mlp_forward(x: Tensor, fc: Tensor, proj: Tensor, fp8_state: MLPFP8Slot | None) -> Tensor:
     """relu(x fc^T)^2 proj (T, d) for x (T, d) and fc, proj (H, d). fp8_state (MLPFP8State.at(slot, layer)):
-    a training forward in FP8, which reads and rewrites that slot's delayed scales. None: the compute dtype
-    (evaluation, or FP8 off), and no state is touched."""
+    a training forward in FP8, which reads that slot's delayed scales and writes its measurements for the next
+    step. None: the compute dtype (evaluation, or FP8 off), and no state is touched."""
     if fp8_state is None:
         return ReLUSquareMLP.apply(x, fc, proj, None, None)[0]
     state = fp8_state.state
     proj_amax = proj.detach().abs().amax().float().clamp_min(AMAX_FLOOR)
-    delayed = fp8_state.read(state.forwards) >= MLP_CURRENT_AMAX_STEPS
+    delayed = state.steps >= MLP_CURRENT_AMAX_STEPS
     weight_scale = torch.where(delayed, fp8_state.read(state.weight_scale), proj_amax / FP8_E4M3_MAX)
     out, post = ReLUSquareMLP.apply(x, fc, proj, fp8_state.read(state.act_scale), weight_scale)
     post_amax = post.amax().float().clamp_min(AMAX_FLOOR)
     # fp32, in the public kernels' order: amax * headroom / 448
-    fp8_state.write(state.act_scale, post_amax * MLP_ACT_HEADROOM / FP8_E4M3_MAX)
-    fp8_state.write(state.weight_scale, proj_amax * MLP_WEIGHT_HEADROOM / FP8_E4M3_MAX)
-    fp8_state.write(state.forwards, fp8_state.read(state.forwards) + 1)
+    fp8_state.write(state.next_act_scale, post_amax * MLP_ACT_HEADROOM / FP8_E4M3_MAX)
+    fp8_state.write(state.next_weight_scale, proj_amax * MLP_WEIGHT_HEADROOM / FP8_E4M3_MAX)
     return out
 
 

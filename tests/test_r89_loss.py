@@ -5,6 +5,7 @@ the FP8 quantisation."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import train_gpt_record89 as R
 from conftest import tiktoken_cache
@@ -292,7 +293,7 @@ def down_emulation(post, proj, act_scale, weight_scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_mlp_forward_matches_the_emulation_over_the_delayed_scaling_switch(dtype):
-    """18 training forwards with a weight that changes between them (as after optimizer steps): the activation
+    """18 training steps with a weight that changes between them (as after optimizer steps): the activation
     scale is 1.8 amax(previous post)/448 from the second forward (1 at the first), the weight scale the current
     amax/448 in the first 16 forwards and 1.12 amax(previous weight)/448 after."""
     generator = torch.Generator().manual_seed(4)
@@ -313,8 +314,10 @@ def test_fp8_mlp_forward_matches_the_emulation_over_the_delayed_scaling_switch(d
         torch.testing.assert_close(out.double(), expected, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
                                    atol=1e-3 if dtype == torch.bfloat16 else 1e-6)
         act_scale, previous_proj = (post.abs().max().float() * 1.8 / 448).item(), proj
+        assert state.next_act_scale[0, 1].item() == pytest.approx(act_scale, rel=1e-6)  # in use from the next step
+        state.end_step()
         assert state.act_scale[0, 1].item() == pytest.approx(act_scale, rel=1e-6)
-    assert state.forwards.tolist() == [[0, 18]] and state.act_scale[0, 0] == 1  # layer 0 untouched
+    assert state.steps == 18 and state.act_scale[0, 0] == 1  # layer 0 untouched
 
 
 def test_fp8_mlp_up_projection_rounds_like_the_emulation_in_bf16():
@@ -343,8 +346,10 @@ def test_delayed_scales_per_slot_one_rank_equals_two_ranks():
             single = R.mlp_forward(x, fc, proj, one_rank.at(slot_index[slot], 0))
             separate = R.mlp_forward(x, fc, proj, ranks[slot].at(slot_index[slot], 0))
             assert torch.equal(single, separate)
+        for state in (one_rank, *ranks):
+            state.end_step()
     for slot in range(2):
-        for name in ("act_scale", "weight_scale", "forwards"):
+        for name in ("act_scale", "weight_scale", "next_act_scale", "next_weight_scale"):
             assert torch.equal(getattr(one_rank, name)[slot], getattr(ranks[slot], name)[slot]), name
     # and the slots really differ (a shared history would have mixed them)
     assert one_rank.act_scale[0, 0] != one_rank.act_scale[1, 0]
@@ -355,11 +360,34 @@ def test_evaluation_forward_leaves_the_state_alone_and_the_state_is_in_the_state
     state = R.MLPFP8State(slots_per_step=2, num_layers=3)
     R.mlp_forward(torch.randn(16, 32), fc, proj, state.at(1, 2))
     before = {name: tensor.clone() for name, tensor in state.state_dict().items()}
-    assert set(before) == {"act_scale", "weight_scale", "forwards"}
+    assert set(before) == {"act_scale", "weight_scale", "next_act_scale", "next_weight_scale", "steps"}
     out = R.mlp_forward(torch.randn(16, 32), fc, proj, None)
     assert out.shape == (16, 32)
     for name, tensor in state.state_dict().items():
         assert torch.equal(tensor, before[name])
+
+
+def test_fp8_mlp_recomputed_by_activation_checkpointing_equals_the_plain_run():
+    """A forward recomputed in backward reads the scales the first forward read, and writes the same values."""
+    generator = torch.Generator().manual_seed(10)
+    fc, proj = mlp_weights()
+    states = [R.MLPFP8State(slots_per_step=1, num_layers=1) for _ in range(2)]
+    for step in range(3):
+        x = torch.randn(16, 32, generator=generator)
+        results = []
+        for state, recompute in zip(states, (False, True)):
+            inputs = [t.clone().requires_grad_() for t in (x, fc, proj)]
+
+            def forward(x, fc, proj):
+                return R.mlp_forward(x, fc, proj, state.at(0, 0)) * 1.5  # recomputed: the output is used in backward
+            out = checkpoint(forward, *inputs, use_reentrant=False) if recompute else forward(*inputs)
+            (out.square().sum()).backward()
+            results.append((out.detach(), *(t.grad for t in inputs)))
+            state.end_step()
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+        for name, tensor in states[0].state_dict().items():
+            assert torch.equal(tensor, states[1].state_dict()[name]), name
 
 
 def test_mlp_without_fp8_matches_autograd_of_the_formula():
@@ -409,8 +437,10 @@ def test_compiled_fp8_mlp_and_loss_chunk_match_eager_without_recompiling_per_slo
                 torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-5)
                 torch.testing.assert_close(torch.autograd.grad(compiled_out.sum(), x)[0],
                                            torch.autograd.grad(eager_out.sum(), x)[0], rtol=1e-4, atol=1e-5)
-        for name in ("act_scale", "weight_scale", "forwards"):
-            torch.testing.assert_close(getattr(compiled_state, name), getattr(eager_state, name), rtol=1e-6, atol=0)
+            eager_state.end_step()
+            compiled_state.end_step()
+        for name, tensor in eager_state.state_dict().items():
+            torch.testing.assert_close(compiled_state.state_dict()[name], tensor, rtol=1e-6, atol=0)
 
         problem = list(random_problem(num_tokens=32, vocab=64, dtype=torch.float32))
         chunk = torch.compile(R.training_loss_chunk, fullgraph=True, dynamic=False)
