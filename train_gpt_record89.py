@@ -1398,6 +1398,7 @@ def training_loss(hidden: Tensor, head_weight: Tensor, targets: Tensor, prefix_t
     target_ids = torch.stack(offset_targets + [prefix_targets], dim=1)  # (T, K + 1)
     weights = torch.cat([mtp_weights, prefix_weight.view(1)]).float()  # (K + 1,)
     target_weights = torch.where(target_ids >= 0, weights, 0.0)  # (T, K + 1)
+    # the public kernel's S_w: ALL K MTP weights, also in the last K - 1 rows (its odd gradient there), + w_p if valid
     softmax_weight = mtp_weights.float().sum() + torch.where(prefix_targets >= 0, prefix_weight.float(), 0.0)  # (T,)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, targets.numel(), chunk_tokens):
