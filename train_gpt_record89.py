@@ -1633,6 +1633,356 @@ def mlp_forward(x: Tensor, fc: Tensor, proj: Tensor, fp8_state: MLPFP8Slot | Non
 # 6. Optimizers
 
 
+# NorMuon (fact sheet 2.8) orthogonalises these units: Q and K in groups of two adjacent heads (2j, 2j+1),
+# V and O whole (rows of a layer's qkvo (4, d, d) viewed as (4d, d)); the MLP's fc and proj whole.
+POLAR_EXPRESS_COEFFS = ((8.1566, -22.4833, 15.8788), (4.0429, -2.8089, 0.5000), (3.8917, -2.7725, 0.5061),
+                        (3.2858, -2.3681, 0.4645), (2.3465, -1.7098, 0.4232))
+POLAR_EXPRESS_NORM_SCALE = 1.02  # X = u / (1.02 ||u||_F + eps): singular values start safely below 1
+POLAR_EXPRESS_EPS = 1e-6
+NORMUON_VARIANCE_FLOOR = 1e-10  # v / sqrt(max(s, floor))
+# Effective lr = muon_lr * sqrt(max(1, rows / cols)) * multiplier of the unit's kind: 0.023 for Q/K/V/O,
+# 0.046 for fc (the shape factor 2), 0.092 for proj (the record's extra x2 for c_proj).
+MUON_KIND_LR_MUL = {"q": 1.0, "k": 1.0, "v": 1.0, "o": 1.0, "fc": 1.0, "proj": 2.0}
+HEADS_PER_QK_UNIT = 2
+
+
+@dataclass(frozen=True)
+class AdamRow:
+    betas: tuple[float, float]
+    lr_mul: float
+    wd_mul: float
+
+
+# The Adam table of fact sheet 2.8, keyed by parameter name (section 4b's names).
+ADAM_TABLE = {
+    "scalars": AdamRow((0.9, 0.99), 5.0, 0.0),
+    "smear_gate": AdamRow((0.9, 0.99), 0.01, 0.0),
+    "ve_gate_bank": AdamRow((0.9, 0.99), 1.0, 1.0),
+    "lm_head": AdamRow((0.5, 0.95), 1.0, 150.0),
+    "embed": AdamRow((0.5, 0.95), 1.0, 150.0),
+    "bigram_embed": AdamRow((0.75, 0.95), 75.0, 5.0),
+    "value_embeds": AdamRow((0.75, 0.95), 75.0, 5.0),
+    "post_lambdas": AdamRow((0.9, 0.95), 1.0, 0.0),
+    "resid_lambdas": AdamRow((0.9, 0.95), 5.0, 0.0),
+    **{f"{net}.{name}": AdamRow((0.9, 0.99), 0.25, 1.0 if name in ("w1", "w2") else 0.0)
+       for net in ("mudd0", "mudd1") for name in ("w1", "w2", "b2")},
+    **{f"{net}.{name}": AdamRow((0.9, 0.99), 0.1, 1.0 if name in ("w1", "w2") else 0.0)
+       for net in ("pre_gate", "post_gate") for name in ("w1", "w2", "b2", "scale")},
+}
+
+
+def is_muon_parameter(name: str) -> bool:
+    return name.startswith("blocks.") and name.endswith((".attn.qkvo", ".mlp.fc", ".mlp.proj"))
+
+
+def polar_express(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Approximates U V^T of x = U S V^T for each matrix of a stack x (..., rows, cols), computed in dtype.
+
+    The roundings follow the record: B = bA + cA^2 is one baddbmm; square and wide matrices take
+    aX + BX as one baddbmm, tall ones (the MLP's) X B, then + aX (rounded twice)."""
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:]).to(dtype)  # (units, rows, cols)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * POLAR_EXPRESS_NORM_SCALE + POLAR_EXPRESS_EPS)
+    tall = shape[-2] > shape[-1]
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        gram = x.mT @ x if tall else x @ x.mT  # the smaller Gram matrix
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.bmm(x, poly).add_(x, alpha=a) if tall else torch.baddbmm(x, poly, x, beta=a)
+    return x.view(shape)
+
+
+# On CUDA one graph per unit shape (3 in the record); on CPU eager (the tests compare against it).
+polar_express_compiled = torch.compile(polar_express, dynamic=False)
+
+
+def normuon_variance_step(v: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
+    """NorMuon's per-row (rows >= cols) or per-column second-moment normalisation of v (units, rows, cols);
+    second_moment (units, max(rows, cols)) is updated in place. The result keeps each unit's Frobenius norm."""
+    by_rows = v.size(-2) >= v.size(-1)
+    mean_square = v.square().mean(dim=-1 if by_rows else -2)  # (units, max(rows, cols))
+    second_moment.lerp_(mean_square, 1 - beta2)
+    scale = second_moment.clamp_min(NORMUON_VARIANCE_FLOOR).rsqrt()
+    normalised = v * (scale.unsqueeze(-1) if by_rows else scale.unsqueeze(-2))
+    norm_before = v.norm(dim=(-2, -1), keepdim=True)
+    # all-zero units (padding, or a matrix with no gradient) stay zero instead of 0/0
+    return normalised * (norm_before / normalised.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
+
+
+def cautious_decay_update(p: Tensor, update: Tensor, lr: Tensor | float, decay: Tensor | float,
+                          strict: bool) -> Tensor:
+    """p - lr * update - decay * p where update and p agree in sign ([update * p > 0] when strict, else >= 0)."""
+    agree = update * p > 0 if strict else update * p >= 0
+    return p - lr * update - decay * p * agree
+
+
+def join_master(weight: Tensor, mantissa: Tensor) -> Tensor:
+    """fp32 master = (bf16 bits << 16) | mantissa, as a bit view (little-endian: the low half comes first)."""
+    return torch.stack([mantissa, weight.view(torch.int16)], dim=-1).view(torch.float32).squeeze(-1)
+
+
+def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
+    """The inverse of join_master: the truncated bf16 weight and the 16 low bits (int16) of fp32 master."""
+    halves = master.contiguous().view(torch.int16).unflatten(-1, (-1, 2))  # (..., cols, 2): low, high
+    return halves[..., 1].contiguous().view(torch.bfloat16), halves[..., 0].contiguous()
+
+
+@dataclass(frozen=True)
+class MuonUnit:
+    """One orthogonalised matrix: rows [start, stop) of the parameter viewed as (-1, cols)."""
+    name: str
+    param: nn.Parameter
+    kind: str  # a key of MUON_KIND_LR_MUL
+    start: int
+    stop: int
+
+    def rows(self, tensor: Tensor) -> Tensor:
+        return tensor.view(-1, tensor.size(-1))[self.start:self.stop]
+
+
+class MuonUnitGroup:
+    """The units of one shape, padded with zero units to a multiple of the world size; rank r owns the
+    contiguous chunk r (what a reduce-scatter of the stacked gradients hands it) and keeps its state:
+    fp32 momentum and second moments and, for bf16 parameters, the 16-bit mantissa sidecars."""
+
+    def __init__(self, units: list[MuonUnit], rank: int, world_size: int):
+        self.units = units
+        self.rows, self.cols = units[0].stop - units[0].start, units[0].param.size(-1)
+        self.params = list({id(u.param): u.param for u in units}.values())
+        self.per_rank = -(-len(units) // world_size)
+        self.padded = self.per_rank * world_size
+        self.owned = range(rank * self.per_rank, (rank + 1) * self.per_rank)
+        self.owned_units = [units[i] if i < len(units) else None for i in self.owned]  # None: padding
+        param = units[0].param
+        self.sidecar = param.dtype == torch.bfloat16
+        shape, device = (self.per_rank, self.rows, self.cols), param.device
+        self.momentum = torch.zeros(shape, device=device)
+        self.second_moment = torch.zeros(self.per_rank, max(self.rows, self.cols), device=device)
+        self.mantissa = torch.zeros(shape, dtype=torch.int16, device=device) if self.sidecar else None
+        lr_mul = [MUON_KIND_LR_MUL[u.kind] * max(1.0, self.rows / self.cols) ** 0.5 if u else 0.0
+                  for u in self.owned_units]
+        self.lr_mul = torch.tensor(lr_mul, device=device).view(-1, 1, 1)
+        self.reduced_gradient: Tensor | None = None  # this rank's chunk, set by GradientCommunicator
+
+    def stack_gradients(self, divisor: float = 1.0) -> Tensor:
+        """All units' gradients / divisor, (padded, rows, cols), zeros for padding and missing gradients."""
+        grads = [u.param.grad for u in self.units if u.param.grad is not None]
+        dtype = grads[0].dtype if grads else self.units[0].param.dtype
+        stack = torch.zeros(self.padded, self.rows, self.cols, dtype=dtype, device=self.momentum.device)
+        for index, unit in enumerate(self.units):
+            if unit.param.grad is not None:
+                torch.div(unit.rows(unit.param.grad), divisor, out=stack[index])
+        return stack
+
+    def owned_gradient(self) -> Tensor:
+        """(per_rank, rows, cols): the communicator's reduced chunk, or else this chunk of the .grads (which
+        must then already be the mean over ranks)."""
+        if self.reduced_gradient is not None:
+            return self.reduced_gradient
+        return self.stack_gradients()[self.owned.start:self.owned.stop]
+
+    def owned_masters(self) -> Tensor:
+        """fp32 master weights of the owned units, (per_rank, rows, cols), zeros for padding."""
+        masters = torch.zeros_like(self.momentum)
+        for index, unit in enumerate(self.owned_units):
+            if unit is None:
+                continue
+            weight = unit.rows(unit.param.data)
+            masters[index] = join_master(weight, self.mantissa[index]) if self.sidecar else weight
+        return masters
+
+
+class NorMuon:
+    """NorMuon (fact sheet 2.8) for the attention and MLP matrices, sharded by unit over the ranks.
+
+    Per unit: Nesterov momentum in fp32, Polar Express (bf16 on GPU), the NorMuon variance step, then the
+    update with cautious weight decay on the fp32 master weights. Each rank updates the units it owns and
+    the new weights are all-gathered, so every world size computes what one process computes."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], s: "Settings", runtime: Runtime):
+        self.rank, self.world_size = runtime.rank, runtime.world_size
+        self.lr, self.wd, self.beta2 = s.muon_lr, s.muon_wd, s.muon_beta2
+        self.polar_dtype = runtime.compute_dtype
+        units = [unit for name, param in named_params for unit in self.units_of(name, param, s)]
+        shapes = list(dict.fromkeys((u.stop - u.start, u.param.size(-1), u.param.dtype) for u in units))
+        self.groups = [MuonUnitGroup([u for u in units if (u.stop - u.start, u.param.size(-1), u.param.dtype)
+                                      == shape], self.rank, self.world_size) for shape in shapes]
+        self.params = [param for _, param in named_params]
+        self.sharded_groups, self.replicated_params = self.groups, []  # what GradientCommunicator reduces
+
+    @staticmethod
+    def units_of(name: str, param: nn.Parameter, s: "Settings") -> list[MuonUnit]:
+        if name.endswith(".attn.qkvo"):  # (4, d, d) = [Q; K; V; O], viewed as (4d, d)
+            d, group_rows = s.model_dim, HEADS_PER_QK_UNIT * s.head_dim
+            qk = [MuonUnit(name, param, kind, offset + j, offset + j + group_rows)
+                  for kind, offset in (("q", 0), ("k", d)) for j in range(0, d, group_rows)]
+            return qk + [MuonUnit(name, param, kind, offset, offset + d) for kind, offset in (("v", 2 * d), ("o", 3 * d))]
+        return [MuonUnit(name, param, "fc" if name.endswith(".fc") else "proj", 0, param.size(0))]
+
+    def updates_at(self, plan: "StepPlan") -> bool:
+        return True
+
+    @torch.no_grad()
+    def step(self, plan: "StepPlan"):
+        mu, lr = plan.muon_momentum, self.lr * plan.lr_factor
+        orthogonalise = polar_express_compiled if self.params[0].is_cuda else polar_express
+        pending = []  # (all-gather handle, gathered weights, group)
+        for group in self.groups:
+            grad = group.owned_gradient().float()
+            group.momentum.lerp_(grad, 1 - mu)
+            nesterov = torch.lerp(grad, group.momentum, mu)  # (1 - mu) g + mu buf
+            v = normuon_variance_step(orthogonalise(nesterov, self.polar_dtype).float(), group.second_moment,
+                                      self.beta2)
+            unit_lr = group.lr_mul * lr  # (per_rank, 1, 1)
+            # the decay is lr_eff * (wd * base lr * f): fact sheet 2.8, step 5
+            master = cautious_decay_update(group.owned_masters(), v, unit_lr, unit_lr * (self.wd * lr),
+                                           strict=False)
+            if group.sidecar:
+                weights, group.mantissa = split_master(master)
+            else:
+                weights = master.to(group.params[0].dtype)
+            group.reduced_gradient = None
+            if self.world_size == 1:
+                self.write_weights(group, weights, group.owned_units)
+                continue
+            gathered = weights.new_empty(group.padded * weights[0].numel())  # flat: gloo wants 1-D
+            handle = dist.all_gather_into_tensor(gathered, weights.flatten(), async_op=True)
+            pending.append((handle, gathered.view(group.padded, group.rows, group.cols), group))
+        for handle, gathered, group in pending:
+            handle.wait()
+            self.write_weights(group, gathered, group.units)
+        for param in self.params:
+            param.grad = None
+
+    @staticmethod
+    def write_weights(group: MuonUnitGroup, weights: Tensor, units: list[MuonUnit | None]):
+        for weight, unit in zip(weights, units):
+            if unit is not None:
+                unit.rows(unit.param.data).copy_(weight)
+
+    def named_state(self) -> dict[tuple[str, int], dict[str, Tensor]]:
+        """This rank's state by (parameter name, first row of the unit), on the CPU."""
+        state = {}
+        for group in self.groups:
+            for index, unit in enumerate(group.owned_units):
+                if unit is None:
+                    continue
+                entry = dict(momentum=group.momentum[index], second_moment=group.second_moment[index])
+                if group.sidecar:
+                    entry["mantissa"] = group.mantissa[index]
+                state[unit.name, unit.start] = {key: value.cpu().clone() for key, value in entry.items()}
+        return state
+
+    def load_named_state(self, state: dict[tuple[str, int], dict[str, Tensor]]):
+        for group in self.groups:
+            for index, unit in enumerate(group.owned_units):
+                if unit is None:
+                    continue
+                entry = state[unit.name, unit.start]
+                group.momentum[index].copy_(entry["momentum"])
+                group.second_moment[index].copy_(entry["second_moment"])
+                if group.sidecar:
+                    group.mantissa[index].copy_(entry["mantissa"])
+
+
+class Adam:
+    """Adam with the per-parameter table of fact sheet 2.8, bias correction by the number of Adam updates,
+    and cautious weight decay. Replicated: every rank updates every parameter from the all-reduced gradient.
+    A parameter without a gradient (the embedding while tied to the head) is left alone."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], s: "Settings"):
+        for name, _ in named_params:
+            if name not in ADAM_TABLE:
+                raise ValueError(f"parameter {name} has no row in ADAM_TABLE (section 6): add its betas, lr_mul "
+                                 "and wd_mul")
+        self.named_params = named_params
+        self.params = [param for _, param in named_params]
+        self.sharded_groups, self.replicated_params = [], self.params  # what GradientCommunicator reduces
+        self.lr, self.wd, self.eps = s.adam_lr, s.adam_wd, s.adam_eps
+        self.updates = 0  # t of the bias correction
+        self.moments = {name: (torch.zeros_like(param, dtype=torch.float32),
+                               torch.zeros_like(param, dtype=torch.float32)) for name, param in named_params}
+
+    def updates_at(self, plan: "StepPlan") -> bool:
+        return plan.adam_updates
+
+    @torch.no_grad()
+    def step(self, plan: "StepPlan"):
+        """On Adam steps only: one update from the gradients summed since the last one, which it then clears."""
+        if not plan.adam_updates:
+            return
+        self.updates += 1
+        t = self.updates
+        for name, param in self.named_params:
+            if param.grad is None:
+                continue
+            row = ADAM_TABLE[name]
+            beta1, beta2 = row.betas
+            exp_avg, exp_avg_sq = self.moments[name]
+            grad = param.grad.float()
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            lr = self.lr * row.lr_mul * plan.lr_factor
+            update = exp_avg / (exp_avg_sq.sqrt() + self.eps) * (lr * (1 - beta2**t) ** 0.5 / (1 - beta1**t))
+            param.copy_(cautious_decay_update(param.float(), update, 1.0, lr * lr * self.wd * row.wd_mul,
+                                              strict=True))
+            param.grad = None
+
+    def untie(self, head: str = "lm_head", embed: str = "embed"):
+        """The embedding's moments become the head's, transposed (head (d, V), embedding (V, d))."""
+        for head_moment, embed_moment in zip(self.moments[head], self.moments[embed]):
+            embed_moment.copy_(head_moment.mT)
+
+    def named_state(self) -> dict:
+        return dict(updates=self.updates, moments={name: (m.cpu().clone(), v.cpu().clone())
+                                                   for name, (m, v) in self.moments.items()})
+
+    def load_named_state(self, state: dict):
+        self.updates = state["updates"]
+        for name, (exp_avg, exp_avg_sq) in self.moments.items():
+            exp_avg.copy_(state["moments"][name][0])
+            exp_avg_sq.copy_(state["moments"][name][1])
+
+
+def build_optimizers(model: nn.Module, s: "Settings", runtime: Runtime) -> tuple[NorMuon, Adam]:
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    return (NorMuon([(n, p) for n, p in named if is_muon_parameter(n)], s, runtime),
+            Adam([(n, p) for n, p in named if not is_muon_parameter(n)], s))
+
+
+def step_optimizers(optimizers, plan: "StepPlan"):
+    """Every optimizer's update of this step (at plan.lr_factor; NorMuon at plan.muon_momentum, Adam only when
+    plan.adam_updates). Each clears the gradients it consumed; Adam's gradients accumulate until it updates."""
+    for optimizer in optimizers:
+        optimizer.step(plan)
+
+
+def untie_optimizer_state(optimizers):
+    """At the untie (after GPT.untie()): the embedding's Adam moments become the head's, transposed."""
+    next(o for o in optimizers if isinstance(o, Adam)).untie()
+
+
+def optimizer_state(optimizers, runtime: Runtime, group=None) -> dict | None:
+    """Every optimizer's state by parameter name, gathered to rank 0 over the (CPU) process group: NorMuon's
+    momentum, second moments and mantissa sidecars from the ranks that own them, Adam's moments and update
+    count. Collective: every rank calls it; rank 0 gets the dict, the others None."""
+    muon, adam = optimizers
+    muon_state = muon.named_state()
+    if runtime.world_size > 1:
+        parts = [None] * runtime.world_size if runtime.is_main else None
+        dist.gather_object(muon_state, parts, dst=0, group=group)
+        muon_state = {key: entry for part in parts for key, entry in part.items()} if runtime.is_main else None
+    if not runtime.is_main:
+        return None
+    return dict(normuon=muon_state, adam=adam.named_state())
+
+
+def load_optimizer_state(optimizers, state: dict):
+    """Loads optimizer_state's dict on every rank (each takes the NorMuon units it owns at this world size)."""
+    muon, adam = optimizers
+    muon.load_named_state(state["normuon"])
+    adam.load_named_state(state["adam"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # 7. Data loading (the shard files are read by harness.load_shard)
 # Training: a step is slots_per_step buffers of slot_tokens + 1 tokens, cut in stream order from one shard's
@@ -1868,6 +2218,129 @@ def check_data(s: Settings, is_main: bool = True) -> tuple[list[Path], Tensor]:
 
 # ----------------------------------------------------------------------------------------------------
 # 8. Speed machinery: gradient communication, compilation
+
+
+GRADIENT_BUCKET_BYTES = 32 * 2**20  # all-reduce granularity: large enough for bandwidth, small enough to start early
+
+
+class GradientCommunicator:
+    """Turns the gradients summed over A micro-steps on W ranks into their mean, sum / (A * W), launched
+    from post-accumulate-grad hooks while the last micro-step's backward goes on.
+
+    - NorMuon's units, by group of one shape: when all of a group's parameters have their final gradient,
+      the stacked gradients / (A * W) are reduce-scattered, so each rank receives the summed chunk it owns
+      (group.reduced_gradient); NorMuon all-gathers the updated weights. That moves as many bytes as one
+      all-reduce; an all-reduce of the gradients plus the all-gather would move 1.5 times as many.
+    - Adam's parameters: buckets of one dtype, in reverse model order (about the order backward finishes
+      them), all-reduced only on steps where Adam updates; in between their gradients keep accumulating
+      locally. Adam is replicated, so every rank needs the whole mean (a ring all-reduce moves the same
+      bytes as the record's reduce-scatter and all-gather of the big tables, at the price of 8 ranks
+      each computing the whole Adam update).
+    Dividing before the sum is exact when A * W is a power of two (1, 2, 4, 8 slots). A group or bucket
+    one of whose parameters gets no gradient (the embedding while tied) is launched by finish(), with
+    the gradients there are: every rank has the same ones, so the collectives match."""
+
+    def __init__(self, optimizers, s: "Settings", runtime: Runtime, bucket_bytes: int = GRADIENT_BUCKET_BYTES):
+        self.world_size, self.micro_steps = runtime.world_size, s.slots_per_step // runtime.world_size
+        self.divisor = self.micro_steps * self.world_size
+        self.sharded = [(optimizer, group) for optimizer in optimizers for group in optimizer.sharded_groups]
+        self.buckets = [(optimizer, bucket) for optimizer in optimizers  # replicated parameters
+                        for bucket in self.split(optimizer.replicated_params, bucket_bytes)]
+        self.waiting_on: dict[Tensor, list[int]] = {}  # parameter -> the collectives it belongs to
+        self.members = [group.params for _, group in self.sharded] + [bucket for _, bucket in self.buckets]
+        for index, params in enumerate(self.members):
+            for param in params:
+                self.waiting_on.setdefault(param, []).append(index)
+        self.active: list[bool] = []  # per collective: reduced at this step
+        self.ready_counts: list[int] = []
+        self.launched: list[bool] = []
+        self.pending = []  # (handle, result, collective index)
+        self.armed = False
+        if self.world_size > 1:
+            for param in self.waiting_on:
+                param.register_post_accumulate_grad_hook(self._gradient_ready)
+
+    @staticmethod
+    def split(params: list[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
+        buckets: list[list[Tensor]] = []
+        open_bucket: dict[torch.dtype, tuple[int, int]] = {}  # dtype -> (bucket index, bytes so far)
+        for param in reversed(params):
+            index, size = open_bucket.get(param.dtype, (-1, bucket_bytes))
+            if size + param.numel() * param.element_size() > bucket_bytes:
+                index, size = len(buckets), 0
+                buckets.append([])
+            buckets[index].append(param)
+            open_bucket[param.dtype] = (index, size + param.numel() * param.element_size())
+        return buckets
+
+    def start_last_micro_step(self, plan: "StepPlan"):
+        """Arms the hooks: the next backward completes this step's gradients."""
+        optimizers = [optimizer for optimizer, _ in self.sharded] + [optimizer for optimizer, _ in self.buckets]
+        self.active = [optimizer.updates_at(plan) for optimizer in optimizers]
+        self.ready_counts = [0] * len(self.members)
+        self.launched = [False] * len(self.members)
+        self.armed = True
+
+    def _gradient_ready(self, param: Tensor):
+        if not self.armed:
+            return
+        for index in self.waiting_on[param]:
+            self.ready_counts[index] += 1
+            if self.ready_counts[index] == len(self.members[index]) and self.active[index]:
+                self._launch(index)
+
+    def _launch(self, index: int):
+        self.launched[index] = True
+        if index < len(self.sharded):
+            group = self.sharded[index][1]
+            stack = group.stack_gradients(self.divisor)  # (padded, rows, cols)
+            owned = stack.new_empty(group.per_rank, group.rows, group.cols)
+            handle = dist.reduce_scatter_tensor(owned.view(-1), stack.view(-1), async_op=True)
+            self.pending.append((handle, owned, index))
+            return
+        params = [p for p in self.members[index] if p.grad is not None]
+        if not params:
+            return
+        flat = params[0].grad.new_empty(sum(p.numel() for p in params))
+        offset = 0
+        for param in params:
+            torch.div(param.grad, self.divisor, out=flat[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
+        self.pending.append((dist.all_reduce(flat, async_op=True), flat, index))
+
+    def finish(self):
+        """Waits for the reductions: NorMuon groups hold their owned chunk of the mean gradient, and on Adam
+        steps every Adam .grad is the mean over ranks and micro-steps of the gradients summed since Adam's
+        last update."""
+        if not self.armed:
+            raise RuntimeError("GradientCommunicator.finish() without start_last_micro_step(plan)")
+        self.armed = False
+        if self.world_size == 1:
+            self._divide_in_place()
+            return
+        for index, active in enumerate(self.active):
+            if active and not self.launched[index]:
+                self._launch(index)
+        for handle, result, index in self.pending:
+            handle.wait()
+            if index < len(self.sharded):
+                self.sharded[index][1].reduced_gradient = result
+                continue
+            offset = 0
+            for param in (p for p in self.members[index] if p.grad is not None):
+                param.grad = result[offset:offset + param.numel()].view_as(param)
+                offset += param.numel()
+        self.pending = []
+
+    def _divide_in_place(self):
+        if self.divisor == 1:
+            return
+        for index, params in enumerate(self.members):
+            grads = [p.grad for p in params if p.grad is not None]
+            if self.active[index] and index >= len(self.sharded) and grads:
+                torch._foreach_div_(grads, self.divisor)
+        for _, group in self.sharded:
+            group.reduced_gradient = group.stack_gradients(self.divisor)[group.owned.start:group.owned.stop]
 
 
 # ----------------------------------------------------------------------------------------------------
