@@ -58,7 +58,7 @@ class StandIn(nn.Module):
     """Every parameter name and (scaled-down) shape of section 4b's GPT, in a small differentiable forward
     that gives each of them a gradient; the embedding is read from lm_head^T while tied."""
 
-    def __init__(self, s: T.Settings, seed: int = 0):
+    def __init__(self, s: T.Settings, seed: int = 0, matrix_dtype: torch.dtype = torch.float32):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         d, v, h = s.model_dim, STANDIN_VOCAB, s.gate_hidden
@@ -89,7 +89,7 @@ class StandIn(nn.Module):
             block.mlp = nn.Module()
             block.mlp.fc = param(s.mlp_hidden, d, std=d**-0.5)
             block.mlp.proj = param(s.mlp_hidden, d, std=s.mlp_hidden**-0.5)
-            self.blocks.append(block)
+            self.blocks.append(block.to(matrix_dtype))
 
     def untie(self):
         with torch.no_grad():
@@ -105,12 +105,12 @@ class StandIn(nn.Module):
         ve_gates = (x[:, :12] @ self.ve_gate_bank.view(30, 12).T).tanh().mean(-1, keepdim=True)
         for i, block in enumerate(self.blocks):
             if hasattr(block, "attn"):
-                q, k, v, o = block.attn.qkvo
+                q, k, v, o = block.attn.qkvo.float()
                 a = F.rms_norm(x, (d,))
                 mixed = torch.tanh(a @ q.T) * (a @ k.T) @ v.T @ o.T
                 x = self.resid_lambdas[i, 0] * x + self.post_lambdas[i, 0] * self.scalars[2 * i] * mixed
             m = F.rms_norm(x, (d,))
-            mlp = F.relu(m @ block.mlp.fc.T).square() @ block.mlp.proj
+            mlp = F.relu(m @ block.mlp.fc.float().T).square() @ block.mlp.proj.float()
             x = self.resid_lambdas[i, 1] * x + self.post_lambdas[i, 1] * self.scalars[2 * i + 1] * mlp
             if i == 4:
                 x = x + self.post_gate(x)[:, :1] * x + ve_gates
