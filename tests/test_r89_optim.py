@@ -319,6 +319,20 @@ def test_normuon_steps_match_reference_per_unit():
         assert (actual - expected).abs().max() < 1e-5, f"{name} {kind} rows {rows.start}.. differ from the reference"
 
 
+def test_normuon_decays_a_matrix_without_gradient():
+    """A zero update counts as agreeing in sign ([v * p >= 0]): the record's unused pad matrix shrinks by
+    lr_eff * wd * lr each step (fact sheet 2.8, mlp_bank pad), here an fc without gradient (lr_eff 0.046 f)."""
+    s = tiny_settings()
+    weight = torch.randn(s.mlp_hidden, s.model_dim, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    param = nn.Parameter(weight.float())
+    muon = T.NorMuon([("blocks.0.mlp.fc", param)], s, runtime())
+    step_plan = plan(2)
+    T.step_optimizers([muon], step_plan)
+    lr = s.muon_lr * step_plan.lr_factor
+    expected = weight.float().double() * (1 - 2 * lr * s.muon_wd * lr)
+    assert torch.allclose(param.detach().double(), expected, rtol=1e-6, atol=0)
+
+
 def test_bf16_weights_with_sidecar_follow_the_fp32_master_exactly():
     """NorMuon on bf16 weights (with the sidecar) and on fp32 weights, same gradients: the joined master
     equals the fp32 weights bit for bit, and the bf16 weight is its truncation."""
