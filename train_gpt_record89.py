@@ -1798,6 +1798,8 @@ class NorMuon:
     update with cautious weight decay on the fp32 master weights. Each rank updates the units it owns and
     the new weights are all-gathered, so every world size computes what one process computes."""
 
+    state_key = "normuon"  # its part of optimizer_state's dict
+
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], s: "Settings", runtime: Runtime):
         self.rank, self.world_size = runtime.rank, runtime.world_size
         self.lr, self.wd, self.beta2 = s.muon_lr, s.muon_wd, s.muon_beta2
@@ -1815,7 +1817,9 @@ class NorMuon:
             d, group_rows = s.model_dim, HEADS_PER_QK_UNIT * s.head_dim
             qk = [MuonUnit(name, param, kind, offset + j, offset + j + group_rows)
                   for kind, offset in (("q", 0), ("k", d)) for j in range(0, d, group_rows)]
-            return qk + [MuonUnit(name, param, kind, offset, offset + d) for kind, offset in (("v", 2 * d), ("o", 3 * d))]
+            vo = [MuonUnit(name, param, kind, offset, offset + d)
+                  for kind, offset in (("v", 2 * d), ("o", 3 * d))]
+            return qk + vo
         return [MuonUnit(name, param, "fc" if name.endswith(".fc") else "proj", 0, param.size(0))]
 
     def updates_at(self, plan: "StepPlan") -> bool:
@@ -1842,19 +1846,19 @@ class NorMuon:
                 weights = master.to(group.params[0].dtype)
             group.reduced_gradient = None
             if self.world_size == 1:
-                self.write_weights(group, weights, group.owned_units)
+                self.write_weights(weights, group.owned_units)
                 continue
             gathered = weights.new_empty(group.padded * weights[0].numel())  # flat: gloo wants 1-D
             handle = dist.all_gather_into_tensor(gathered, weights.flatten(), async_op=True)
             pending.append((handle, gathered.view(group.padded, group.rows, group.cols), group))
         for handle, gathered, group in pending:
             handle.wait()
-            self.write_weights(group, gathered, group.units)
+            self.write_weights(gathered, group.units)
         for param in self.params:
             param.grad = None
 
     @staticmethod
-    def write_weights(group: MuonUnitGroup, weights: Tensor, units: list[MuonUnit | None]):
+    def write_weights(weights: Tensor, units: list[MuonUnit | None]):
         for weight, unit in zip(weights, units):
             if unit is not None:
                 unit.rows(unit.param.data).copy_(weight)
@@ -1888,6 +1892,8 @@ class Adam:
     """Adam with the per-parameter table of fact sheet 2.8, bias correction by the number of Adam updates,
     and cautious weight decay. Replicated: every rank updates every parameter from the all-reduced gradient.
     A parameter without a gradient (the embedding while tied to the head) is left alone."""
+
+    state_key = "adam"  # its part of optimizer_state's dict
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], s: "Settings"):
         for name, _ in named_params:
@@ -1962,25 +1968,25 @@ def untie_optimizer_state(optimizers):
 
 
 def optimizer_state(optimizers, runtime: Runtime, group=None) -> dict | None:
-    """Every optimizer's state by parameter name, gathered to rank 0 over the (CPU) process group: NorMuon's
-    momentum, second moments and mantissa sidecars from the ranks that own them, Adam's moments and update
-    count. Collective: every rank calls it; rank 0 gets the dict, the others None."""
-    muon, adam = optimizers
-    muon_state = muon.named_state()
-    if runtime.world_size > 1:
-        parts = [None] * runtime.world_size if runtime.is_main else None
-        dist.gather_object(muon_state, parts, dst=0, group=group)
-        muon_state = {key: entry for part in parts for key, entry in part.items()} if runtime.is_main else None
-    if not runtime.is_main:
-        return None
-    return dict(normuon=muon_state, adam=adam.named_state())
+    """Every optimizer's state by parameter name (under its state_key), gathered to rank 0 over the (CPU)
+    process group: NorMuon's momentum, second moments and mantissa sidecars by (name, first row of the unit)
+    from the ranks that own them; Adam's moments and update count. Collective: every rank calls it; rank 0
+    gets the dict, the others None."""
+    state = {}
+    for optimizer in optimizers:
+        local = optimizer.named_state()
+        if optimizer.sharded_groups and runtime.world_size > 1:
+            parts = [None] * runtime.world_size if runtime.is_main else None
+            dist.gather_object(local, parts, dst=0, group=group)
+            local = {key: entry for part in parts for key, entry in part.items()} if runtime.is_main else None
+        state[optimizer.state_key] = local
+    return state if runtime.is_main else None
 
 
 def load_optimizer_state(optimizers, state: dict):
     """Loads optimizer_state's dict on every rank (each takes the NorMuon units it owns at this world size)."""
-    muon, adam = optimizers
-    muon.load_named_state(state["normuon"])
-    adam.load_named_state(state["adam"])
+    for optimizer in optimizers:
+        optimizer.load_named_state(state[optimizer.state_key])
 
 
 # ----------------------------------------------------------------------------------------------------
