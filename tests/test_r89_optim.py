@@ -330,6 +330,27 @@ def test_normuon_steps_match_reference_per_unit():
         assert (actual - expected).abs().max() < 1e-5, f"{name} {kind} rows {rows.start}.. differ from the reference"
 
 
+def test_record_sized_units_shard_like_the_record():
+    """At the record's shapes on 8 ranks (meta tensors): 60 Q/K, 20 V/O and 22 MLP units, padded to 64 / 24 /
+    24, 8 / 3 / 3 per rank (fact sheet 2.8's banks), bf16 with sidecars, effective lrs 0.023 / 0.046 / 0.092."""
+    s = T.Settings()
+    named = []
+    for i in range(11):
+        shapes = [("attn.qkvo", (4, 768, 768))] if i != 6 else []
+        shapes += [("mlp.fc", (3072, 768)), ("mlp.proj", (3072, 768))]
+        named += [(f"blocks.{i}.{name}", nn.Parameter(torch.empty(shape, device="meta", dtype=torch.bfloat16)))
+                  for name, shape in shapes]
+    muon = T.NorMuon(named, s, T.Runtime(7, 8, torch.device("meta"), "flex", fp8=True))
+    layout = [(len(g.units), g.padded, g.per_rank, g.rows, g.cols, g.sidecar) for g in muon.groups]
+    assert sorted(layout) == [(20, 24, 3, 768, 768, True), (22, 24, 3, 3072, 768, True), (60, 64, 8, 256, 768, True)]
+    lrs = {u.kind: s.muon_lr * T.MUON_KIND_LR_MUL[u.kind] * max(1, (u.stop - u.start) / 768) ** 0.5
+           for g in muon.groups for u in g.units}
+    assert {kind: round(lr, 6) for kind, lr in lrs.items()} == dict(q=0.023, k=0.023, v=0.023, o=0.023, fc=0.046,
+                                                                   proj=0.092)
+    mlp = next(g for g in muon.groups if g.rows == 3072)
+    assert [u.kind if u else None for u in mlp.owned_units] == ["proj", None, None]  # rank 7: unit 21, 2 pads
+
+
 def test_normuon_decays_a_matrix_without_gradient():
     """A zero update counts as agreeing in sign ([v * p >= 0]): the record's unused pad matrix shrinks by
     lr_eff * wd * lr each step (fact sheet 2.8, mlp_bank pad), here an fc without gradient (lr_eff 0.046 f)."""
