@@ -958,11 +958,6 @@ def smear(e: Tensor, gate_weight: Tensor, smear_lambda: Tensor) -> Tensor:
     return torch.cat([e[:1], e[1:] + smear_lambda * gate * e[:-1]])
 
 
-def relu_square_mlp(x: Tensor, fc: Tensor, proj: Tensor) -> Tensor:
-    """relu(x fc^T)^2 proj for the normed x (T, d); fc, proj (hidden, d), proj used without a transpose."""
-    return F.relu(F.linear(x, fc)).square() @ proj
-
-
 class GateNetwork(nn.Module):
     """Per-token gates (T, outputs) from z (T, d): (GELU(z W1^T) W2^T + b2) * scale. W1 is Kaiming-uniform
     (U(+-1/sqrt(d))), W2 zero: at init every output equals its init value, whatever z."""
@@ -1003,8 +998,8 @@ class MLP(nn.Module):
         self.fc = nn.Parameter(uniform_init_(torch.empty(hidden, dim), MATRIX_INIT_STD))
         self.proj = nn.Parameter(torch.zeros(hidden, dim))  # (hidden, d): out = relu(x fc^T)^2 proj
 
-    def forward(self, x: Tensor) -> Tensor:
-        return relu_square_mlp(x, self.fc, self.proj)
+    def forward(self, x: Tensor, fp8_state: "MLPFP8Slot | None" = None) -> Tensor:
+        return mlp_forward(x, self.fc, self.proj, fp8_state)
 
 
 class Block(nn.Module):
@@ -1024,7 +1019,7 @@ class LayerInputs:
     value_embeds: Tensor  # (5, T, d): table k feeds layer VALUE_EMBED_LAYERS[k]
     pre_gates: Tensor  # (T, PRE_GATE_OUTPUTS)
     masks: AttentionMasks  # this buffer's, from GPT.masks_for
-    slot: int  # the accumulation slot: selects the FP8 MLP scale state once the MLP runs through section 5
+    slot: Tensor | None  # 0-d int64: the accumulation slot, whose FP8 MLP scales training uses; None: no FP8
     caches: dict[int, Tensor]  # residual snapshots: 0 (layer 0's input), 3, 7 (after their MLPs), 9
     post_gates: Tensor | None = None  # (T, POST_GATE_OUTPUTS), from the start of layer 4
 
@@ -1064,6 +1059,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(s, i) for i in range(NUM_LAYERS))
         self.rotary = Rotary(s.head_dim)  # shared by the layers; YaRN changes it with the long window
         self.register_buffer("long_window_tokens", torch.tensor(0))  # the rotary's long window; 0: not set yet
+        self.mlp_fp8 = MLPFP8State(s.slots_per_step, NUM_LAYERS)  # the MLPs' delayed FP8 scales, per slot
         self.long_window = 0  # Python copy of long_window_tokens
         self.register_load_state_dict_post_hook(GPT._read_host_copies)
 
@@ -1096,14 +1092,15 @@ class GPT(nn.Module):
     def masks_for(self, batch, short_blocks: int, long_blocks: int) -> AttentionMasks:
         return attention_masks(batch.document_ids, short_blocks, long_blocks, self.block_size, self.attention_backend)
 
-    def hidden(self, batch, masks: AttentionMasks, slot: int) -> Tensor:
-        """The normed final hidden states (T, d) of batch.inputs (T,)."""
+    def hidden(self, batch, masks: AttentionMasks, slot: Tensor | None) -> Tensor:
+        """The normed final hidden states (T, d) of batch.inputs (T,). slot (0-d int64 device tensor): a training
+        forward with the FP8 MLP, using that accumulation slot's delayed scales; None: no FP8 (evaluation)."""
         x, inputs = self.embed_inputs(batch.inputs, masks, slot)
         for i in range(NUM_LAYERS):
             x = self.layer(i, x, inputs)
         return rms_norm(self.final_mix(x, inputs))
 
-    def embed_inputs(self, tokens: Tensor, masks: AttentionMasks, slot: int) -> tuple[Tensor, LayerInputs]:
+    def embed_inputs(self, tokens: Tensor, masks: AttentionMasks, slot: Tensor | None) -> tuple[Tensor, LayerInputs]:
         """Layer 0's input x = x0 + g_b b (T, d), and what the layers read."""
         table = self.lm_head.T if self.embedding_is_head else self.embed  # (V, d)
         x0 = rms_norm(smear(F.embedding(tokens, table), self.smear_gate, self.scalars[SMEAR_LAMBDA]))
@@ -1132,7 +1129,7 @@ class GPT(nn.Module):
                  + inputs.gate(X0_GATE_COLUMNS[i]) * inputs.x0)
             if i > 0:  # layer 0's bigram vector is in its input already
                 x = x + inputs.gate(BIGRAM_GATE_COLUMNS[i]) * inputs.bigram
-        x = self.resid_lambdas[i, 1] * x + self.post_lambdas[i, 1] * self.blocks[i].mlp(rms_norm(x))
+        x = self.resid_lambdas[i, 1] * x + self.post_lambdas[i, 1] * self.mlp(i, rms_norm(x), inputs)
         if i in CACHED_LAYERS:
             inputs.caches[i] = x
         return x
@@ -1177,7 +1174,12 @@ class GPT(nn.Module):
                  + v_mudd.view(num_tokens, self.num_heads, self.head_dim))
         y = self.attention(MUDD_LAYER, rms_norm(caches[7]), inputs, aux_v)
         x = m(MU_ATTN_X) * x + m(MU_ATTN_Y) * y + m(MU_ATTN_CACHE0) * caches[0] + m(MU_ATTN_BIGRAM) * inputs.bigram
-        return m(MU_MLP_X) * x + m(MU_MLP_Y) * self.blocks[MUDD_LAYER].mlp(rms_norm(x))
+        return m(MU_MLP_X) * x + m(MU_MLP_Y) * self.mlp(MUDD_LAYER, rms_norm(x), inputs)
+
+    def mlp(self, i: int, x: Tensor, inputs: LayerInputs) -> Tensor:
+        """Layer i's MLP on the normed x: in FP8 with the slot's scales in a training forward with a slot."""
+        fp8_state = self.mlp_fp8.at(inputs.slot, i) if inputs.slot is not None else None
+        return self.blocks[i].mlp(x, fp8_state)
 
     def final_mix(self, x: Tensor, inputs: LayerInputs) -> Tensor:
         """MUDD1 after the loop: x + sum of nu_k * (cache0, cache7, cache9, ve_0, cache3)."""
@@ -2357,52 +2359,57 @@ class GradientCommunicator:
 # compiled code reads are rows of one device table.
 
 
-class LossWeights:
-    """The MTP and prefix weights of every step as one device table, made once: a step's weights are a view of
-    its row (no host-to-device copy per step, and a tensor, so new values do not recompile)."""
+class StepInputs:
+    """The device tensors the training steps read, made once at start-up (no host-to-device copy per step):
+    the MTP and prefix weights of every step as one table (a step's weights are a view of its row, and a tensor,
+    so new values do not recompile), the prefix table, and the slot ids (the FP8 MLP scales' index)."""
 
     def __init__(self, s: Settings, device: torch.device):
         plans = [step_plan(step, s) for step in range(s.num_iterations)]
         width = max(len(plan.mtp_weights) for plan in plans)
         rows = [list(plan.mtp_weights) + [0.0] * (width - len(plan.mtp_weights)) + [plan.prefix_weight]
                 for plan in plans]
-        self.table = torch.tensor(rows, dtype=torch.float32).to(device)  # (steps, width + 1)
+        self.loss_weights = torch.tensor(rows, dtype=torch.float32).to(device)  # (steps, width + 1)
+        self.prefix_table = build_prefix_table(s.vocab_size, padded_vocab_size(s.vocab_size)).to(device)  # (V,)
+        self.slot_ids = torch.arange(s.slots_per_step, device=device)  # (slots,) int64
 
-    def at(self, plan: StepPlan) -> tuple[Tensor, Tensor]:
-        """(mtp weights (K,), prefix weight ()) of plan's step, K the offsets its stage predicts."""
-        row = self.table[plan.step]
+    def weights(self, plan: StepPlan) -> tuple[Tensor, Tensor]:
+        """(MTP weights (K,), prefix weight ()) of plan's step, K the offsets its stage predicts."""
+        row = self.loss_weights[plan.step]
         return row[:len(plan.mtp_weights)], row[-1]
 
 
-def step_loss(model: "GPT", batch: "Batch", plan: StepPlan, weights: LossWeights, slot: int,
-              runtime: Runtime) -> Tensor:
+def step_loss(model: "GPT", batch: Batch, plan: StepPlan, inputs: StepInputs, slot: int, runtime: Runtime) -> Tensor:
     """The training objective of one slot: the summed multi-target loss of section 5 (a sum over tokens, so
-    the FP8 gradient scales do not depend on the batch size)."""
+    the FP8 gradient scales do not depend on the batch size). Replace this function to train on another loss."""
     masks = model.masks_for(batch, plan.short_window_blocks, plan.long_window_blocks)
-    hidden = model.hidden(batch, masks, slot)
-    mtp_weights, prefix_weight = weights.at(plan)
-    return training_loss(hidden, model.head_weight(), batch.targets, model.prefix_table[batch.targets],
-                         mtp_weights, prefix_weight, runtime.fp8)
+    hidden = model.hidden(batch, masks, inputs.slot_ids[slot] if runtime.fp8 else None)
+    mtp_weights, prefix_weight = inputs.weights(plan)
+    return training_loss(hidden, model.lm_head, batch.targets, inputs.prefix_table[batch.targets], mtp_weights,
+                         prefix_weight, runtime.fp8)
 
 
-def train_step(model: "GPT", optimizers, communication, loader: "DocumentLoader", plan: StepPlan,
-               weights: LossWeights, s: Settings, runtime: Runtime) -> Tensor:
-    """One optimizer step; returns this rank's mean loss per token (a device tensor: no sync)."""
+def train_step(model: "GPT", optimizers, communicator: GradientCommunicator, loader: DocumentLoader,
+               plan: StepPlan, inputs: StepInputs, s: Settings, runtime: Runtime) -> Tensor:
+    """One optimizer step; returns this rank's mean loss per token (a device tensor: no sync). Gradients are
+    not zeroed here: each optimizer clears those it used (Adam's accumulate over two steps)."""
     model.set_long_window(plan.long_window_blocks * s.block_size)
     slots = runtime.slots(s)
     total = torch.zeros((), device=runtime.device)
     for micro_step, slot in enumerate(slots):
         if micro_step == len(slots) - 1:
-            communication.arm(plan)
+            communicator.start_last_micro_step(plan)
         batch = loader.next_batch(plan.slot_tokens, plan.max_doc_len)
-        loss = step_loss(model, batch, plan, weights, slot, runtime)
+        # each slot backpropagates its own undivided sum, so the FP8 gradient scales see the record's magnitudes
+        loss = step_loss(model, batch, plan, inputs, slot, runtime)
         loss.backward()
         total += loss.detach()
-    communication.finish()
+    communicator.finish()
+    model.mlp_fp8.end_step()
     step_optimizers(optimizers, plan)
     if plan.untie_after:
         model.untie()
-        untie_optimizer_state(optimizers, model)
+        untie_optimizer_state(optimizers)
     return total / (len(slots) * plan.slot_tokens)
 
 
@@ -2415,67 +2422,94 @@ def validation_loss(model: "GPT", val_tokens: Tensor, windows: tuple[int, int], 
     loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
     for batch in validation_batches(val_tokens, s, runtime):
         hidden = model.hidden(batch, model.masks_for(batch, *windows), None)
-        loss_sum += validation_loss_sum(hidden, model.head_weight(), batch.targets).double()
+        loss_sum += validation_loss_sum(hidden, model.lm_head, batch.targets).double()
     if runtime.world_size > 1:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
     model.train()
     return loss_sum.item() / s.val_tokens
 
 
-def warm_up_kernels(model: "GPT", optimizers, communication, weights: LossWeights, train_files: list[Path],
-                    val_tokens: Tensor, s: Settings, runtime: Runtime, console: harness.Console):
-    """Runs the steps of warmup_steps(s) on real data (every stage's batch and window shapes, the extension)
-    and a validation with each stage's windows and the final ones, so that nothing compiles inside the timed
-    run; then restores the model, the optimizers and the FP8 scales, so the run starts exactly as an unwarmed
-    one would."""
+def warm_up_kernels(model: "GPT", optimizers, communicator: GradientCommunicator, inputs: StepInputs,
+                    train_files: list[Path], val_tokens: Tensor, s: Settings, runtime: Runtime,
+                    console: harness.Console):
+    """Trains the steps of warmup_steps(s) on real data (every stage's batch and window shapes, the untie, the
+    extension) and validates one sequence with every window pair the run validates with, so that nothing
+    compiles inside the timed run; then restores the model (with its tied flag, YaRN rotary and FP8 scales) and
+    the optimizers, so the run starts exactly as an unwarmed one would."""
     if not s.warmup:
         return
-    initial = copy.deepcopy(dict(model=model.state_dict(), optimizers=local_optimizer_state(optimizers)))
-    initial_long_window = model.long_window_tokens
+    initial_model = copy.deepcopy(model.state_dict())
+    initial_optimizers = copy.deepcopy({o.state_key: o.named_state() for o in optimizers})
     loader = DocumentLoader(train_files, s, runtime)
     steps = warmup_steps(s)
     for i, step in enumerate(steps):
         what = "compiling" if i == 0 and s.compile else "running kernels"
-        with console.activity(f"warm-up step {i + 1}/{len(steps)} (step {step} shapes, {what})"):
-            train_step(model, optimizers, communication, loader, step_plan(step, s), weights, s, runtime)
+        with console.activity(f"warm-up step {i + 1}/{len(steps)} (the shapes of step {step}; {what})"):
+            train_step(model, optimizers, communicator, loader, step_plan(step, s), inputs, s, runtime)
             runtime.synchronize()
-    validation_windows = {(plan.short_window_blocks, plan.long_window_blocks)
-                          for plan in map(lambda step: step_plan(step, s), steps)} | {final_windows(s)}
-    one_sequence = val_tokens[:s.val_seq_len + 1]
-    for windows in sorted(validation_windows):
+    one_sequence = replace(s, val_tokens=s.val_seq_len)
+    for windows in validation_windows(s):
         with console.activity(f"warm-up validation with windows {windows[0]}/{windows[1]} blocks"):
-            validation_loss(model, one_sequence, windows, replace(s, val_tokens=s.val_seq_len), runtime)
-    model.load_state_dict(initial["model"])
-    model.long_window_tokens = initial_long_window
-    load_local_optimizer_state(optimizers, initial["optimizers"])
+            validation_loss(model, val_tokens, windows, one_sequence, runtime)
+    model.load_state_dict(initial_model)
+    load_optimizer_state(optimizers, initial_optimizers)
     model.zero_grad(set_to_none=True)
 
 
+def validation_steps(s: Settings) -> list[int]:
+    return sorted({*range(0, s.num_iterations, s.val_every or s.num_iterations), s.num_iterations})
+
+
+def validation_windows_at(step: int, s: Settings) -> tuple[int, int]:
+    """(short, long) window blocks of the validation at step: its stage's, the final ones at the end."""
+    if step == s.num_iterations:
+        return final_windows(s)
+    plan = step_plan(step, s)
+    return plan.short_window_blocks, plan.long_window_blocks
+
+
+def validation_windows(s: Settings) -> list[tuple[int, int]]:
+    return sorted({validation_windows_at(step, s) for step in validation_steps(s)})
 
 
 # ----------------------------------------------------------------------------------------------------
 # 10. Checkpoint state: the recipe's part of a checkpoint (the harness adds step, time, settings, RNG)
 
 
-def training_state(model: "GPT", optimizers, loader: "DocumentLoader", runtime: Runtime, group) -> dict | None:
-    """Weights and buffers (tied flag, YaRN frequencies and scale, FP8 delayed scales), the optimizers' state
-    by parameter name (gathered from the ranks that own it, so it loads at any world size) and the data
-    position. Collective: every rank calls it; rank 0 gets the dict, the others None."""
-    optimizer = optimizer_state(optimizers, model, runtime, group)
+def gather_slot_rows(state: MLPFP8State, runtime: Runtime, group) -> dict[str, Tensor]:
+    """The FP8 MLP scales with every slot's row from the rank that runs that slot (on W ranks a rank measures
+    only its own slots). Collective over the CPU group."""
+    buffers = {name: buffer.cpu() for name, buffer in state.named_buffers()}
+    if runtime.world_size == 1:
+        return buffers
+    for name, buffer in buffers.items():
+        if buffer.ndim == 0:  # the step count: the same on every rank
+            continue
+        parts = [torch.empty_like(buffer) for _ in range(runtime.world_size)]
+        dist.all_gather(parts, buffer, group=group)
+        for slot in range(buffer.size(0)):
+            buffer[slot] = parts[slot % runtime.world_size][slot]
+    return buffers
+
+
+def training_state(model: "GPT", optimizers, loader: DocumentLoader, runtime: Runtime, group) -> dict | None:
+    """Weights and buffers (tied flag, YaRN rotary, FP8 scales of every slot), every optimizer's state by
+    parameter name (gathered from the ranks that own it, so it loads at any world size) and the data position.
+    Collective: every rank calls it; rank 0 gets the dict, the others None."""
+    fp8_scales = gather_slot_rows(model.mlp_fp8, runtime, group)
+    optimizer = optimizer_state(optimizers, runtime, group)
     if not runtime.is_main:
         return None
-    return dict(model=to_cpu(model.state_dict()), optimizers=optimizer, data=loader.state(),
-                long_window_tokens=model.long_window_tokens)
+    model_state = to_cpu(model.state_dict())
+    model_state.update({f"mlp_fp8.{name}": buffer for name, buffer in fp8_scales.items()})
+    return dict(model=model_state, optimizers=to_cpu(optimizer), data=loader.state())
 
 
 def restore_training_state(checkpoint: dict, model: "GPT", optimizers, runtime: Runtime) -> dict:
     """Loads training_state's dict (each rank takes the optimizer state it owns); returns the data position."""
     model.load_state_dict(checkpoint["model"])
-    model.long_window_tokens = checkpoint["long_window_tokens"]
-    load_optimizer_state(optimizers, model, checkpoint["optimizers"], runtime)
+    load_optimizer_state(optimizers, checkpoint["optimizers"])
     return checkpoint["data"]
-
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2492,11 +2526,11 @@ def train(s: Settings, runtime: Runtime, signals: harness.StopSignals | None = N
         with run.console.activity("building the model and optimizers"):
             model = build_model(s, runtime)
             optimizers = build_optimizers(model, s, runtime)
-            communication = GradientCommunication(model, optimizers, runtime)
-            weights = LossWeights(s, runtime.device)
+            communicator = GradientCommunicator(optimizers, s, runtime)
+            inputs = StepInputs(s, runtime.device)
         run.open_log(harness.environment_report(s, runtime),
                      f"{runtime.world_size} rank(s) x {len(runtime.slots(s))} slot(s) per step on {runtime.device.type}")
-        run.warm_up(lambda: warm_up_kernels(model, optimizers, communication, weights, train_files, val_tokens, s,
+        run.warm_up(lambda: warm_up_kernels(model, optimizers, communicator, inputs, train_files, val_tokens, s,
                                             runtime, run.console))
         data_state = run.resume(lambda checkpoint: restore_training_state(checkpoint, model, optimizers, runtime))
         loader = DocumentLoader(train_files, s, runtime, data_state)
@@ -2505,13 +2539,12 @@ def train(s: Settings, runtime: Runtime, signals: harness.StopSignals | None = N
         for step in range(run.start_step, s.num_iterations + 1):
             last_step = step == s.num_iterations
             if last_step or (s.val_every and step % s.val_every == 0):
-                plan = step_plan(step, s)
-                windows = final_windows(s) if last_step else (plan.short_window_blocks, plan.long_window_blocks)
+                windows = validation_windows_at(step, s)
                 run.validate(step, tokens, lambda: validation_loss(model, val_tokens, windows, s, runtime))
             if last_step:
                 break
             plan = step_plan(step, s)
-            loss = train_step(model, optimizers, communication, loader, plan, weights, s, runtime)
+            loss = train_step(model, optimizers, communicator, loader, plan, inputs, s, runtime)
             tokens += plan.batch_tokens
             if run.step_done(step + 1, loss, tokens, plan.lr_factor):
                 break
