@@ -211,14 +211,15 @@ OUTPUT_GATE_LAYERS = (3, 10)  # y * g, one gate per token and head
 DC_LAYERS = (10,)  # the dynamically composable attention correction
 ROTARY_MIN_FREQUENCY = 1 / 1024  # frequencies run from 1 down to this many radians per position
 ATTENTION_SCALE_INIT = 0.1  # softmax scale before any YaRN update
-YARN_RAMP = (1, 32)  # YaRN's (alpha, beta): turns over the old window below which a frequency is fully
-# interpolated and above which it is kept. Fixed numbers (the public script's defaults), not head_dim/4: at
-# head_dim 128 beta - alpha = 31 = head_dim/4 - 1 only by coincidence.
+# YaRN's ramp (alpha, beta) in turns over the old window: a frequency turning <= alpha times is interpolated
+# fully, >= beta times kept. The public script's fixed defaults, not tied to head_dim (beta - alpha = 31 equals
+# head_dim/4 - 1 at head_dim 128 by coincidence; the tiny preset's head_dim 8 keeps 31).
+YARN_RAMP = (1, 32)
 YARN_SCALE_SLOPE = 0.2  # the scale grows by 1 + 0.2 ln(new/old) at each long-window change
 QKVO_INIT_STD = 0.5  # uniform init of Q, K, V and O with this std times 1/sqrt(model_dim) (+-0.03125 at 768)
 XSA_NORM_FLOOR = 1e-8  # ||v||^2 is clamped to this in the XSA projection
 DC_GATE_NORM_EPS = 1e-6  # epsilon of the RMSNorm over the six DC w1 gate values
-DC_QUERY_CHUNK = 64  # the DC correction handles this many queries at a time: memory T x (64 + window)
+DC_QUERY_CHUNK = 64  # DC queries per chunk: its intermediates are (T, H, 64 + dc_window - 1), never (T, T)
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,8 @@ def attention_masks(document_ids: Tensor, short_blocks: Tensor | int, long_block
                     backend: str) -> AttentionMasks:
     """document_ids (T,) int32, never decreasing (a new id at each document piece); the windows in blocks of
     block_size tokens; backend "flex" (BlockMasks) or "explicit" (dense bool masks)."""
+    if backend not in ("flex", "explicit"):
+        raise SettingsError(f"attention backend {backend!r}: choose flex or explicit")
     if document_ids.numel() % block_size:
         raise DataError(f"a buffer of {document_ids.numel()} tokens: must be a multiple of --block_size={block_size}")
     window_blocks = {"short": short_blocks, "long": long_blocks}
