@@ -411,7 +411,7 @@ def exclusive_self_attention(y: Tensor, v: Tensor, alpha: Tensor) -> Tensor:
     """XSA: y (T, H, D) loses tanh(alpha) times its projection on the same token's and head's v (T, H, D);
     alpha (T, H)."""
     projection = (y * v).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True).clamp_min(XSA_NORM_FLOOR)
-    return y - torch.tanh(alpha)[..., None] * projection * v
+    return y - torch.tanh(alpha).type_as(y)[..., None] * projection * v
 
 
 def dc_correction(q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tensor, document_ids: Tensor, scale: Tensor,
@@ -471,7 +471,8 @@ class CausalSelfAttention(nn.Module):
                 dc_w2: Tensor | None = None) -> Tensor:
         """x (T, d) normed input; lambdas (2,): the Q/K/V and the O weight multipliers; aux_v (T, H, D) added
         to v; per token and head (T, H): xsa_alpha (XSA layers), output_gate (gated layers), dc_w1 and dc_w2
-        (the DC layer). Returns the projected output (T, d)."""
+        (the DC layer). Returns the projected output (T, d) in x's dtype (the additions and gates are cast to it;
+        the DC arithmetic is fp32)."""
         features = self.features
         needed = {"xsa_alpha": (features.xsa, xsa_alpha), "output_gate": (features.output_gate, output_gate),
                   "dc_w1": (features.dc, dc_w1), "dc_w2": (features.dc, dc_w2)}
@@ -487,7 +488,7 @@ class CausalSelfAttention(nn.Module):
         if features.key_offset:
             k = shift_stationary_keys(k)
         if aux_v is not None:
-            v = v + aux_v
+            v = v + aux_v.type_as(v)
         mask = masks.by_kind[features.mask_kind]
         if features.paired_heads:  # (T, H, D) -> (2T, H/2, D): row 2t holds heads 0..H/2-1, row 2t+1 the rest
             rows = (t.reshape(2 * seq_len, num_heads // 2, head_dim) for t in (q, k, v))
@@ -500,7 +501,7 @@ class CausalSelfAttention(nn.Module):
         if features.xsa:
             y = exclusive_self_attention(y, v, xsa_alpha)
         if features.output_gate:
-            y = y * output_gate[..., None]
+            y = y * output_gate.type_as(y)[..., None]
         return F.linear(y.reshape(seq_len, num_heads * head_dim), lambdas[1] * self.qkvo[3].type_as(y))
 
 

@@ -208,6 +208,23 @@ def test_flex_forward_matches_explicit_path(layer):
     assert error < 1e-5 * outputs[1].abs().max().item(), f"layer {layer}: flex and explicit differ by {error}"
 
 
+@pytest.mark.parametrize("layer", [0, 3, 10])
+def test_bf16_layer_stays_bf16_and_close_to_fp32(layer):
+    """The GPU's compute dtype: fp32 gates and additions do not promote the layer; results near fp32's."""
+    generator = torch.Generator().manual_seed(300 + layer)
+    attention, rotary = model_parts(layer, seed=layer)
+    inputs = {name: t.detach() for name, t in layer_inputs(layer, generator).items()}
+    low = {name: t.bfloat16() if name in ("x", "aux_v") else t for name, t in inputs.items()}  # gates stay fp32
+    masks = R.attention_masks(DOCUMENTS, SHORT_BLOCKS, LONG_BLOCKS, BLOCK, "explicit")
+    x = low.pop("x").requires_grad_()
+    out = attention(x, masks=masks, rotary=rotary, **low)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    reference = attention(masks=masks, rotary=rotary, **inputs)
+    error = (out.float() - reference).abs().max().item()
+    assert error < 0.05 * reference.abs().max().item(), f"layer {layer}: bf16 differs from fp32 by {error}"
+
+
 def materialise(block_mask, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (query, key) pairs a BlockMask lets through: its mask function on the partial blocks, every pair
     of the full blocks; and the two block lists as dense (Q blocks, K blocks) tables."""
