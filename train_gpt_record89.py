@@ -335,7 +335,7 @@ def window_block_tables(document_ids: Tensor, block_size: int, window_tokens: Te
     first_document, last_document = blocks[:, 0], blocks[:, -1]
     block_index = torch.arange(num_blocks, device=document_ids.device)
     block_distance = block_index[:, None] - block_index[None, :]  # (query block, key block)
-    nearest = (block_distance - 1) * block_size + 1  # tokens between the closest pair
+    nearest = (block_distance - 1) * block_size + 1  # distance of the closest pair (first query, last key)
     farthest = block_distance * block_size + block_size - 1
     closest_pair_same_document = first_document[:, None] == last_document[None, :]
     all_same_document = last_document[:, None] == first_document[None, :]
@@ -394,7 +394,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: Tensor) 
             return score * scale
 
         y = flex_attention(q, k, v, score_mod=scaled, block_mask=mask, scale=1.0)
-    else:  # SDPA takes no tensor scale: it goes into q (fp32 on CPU, where this path runs)
+    else:  # SDPA takes no tensor scale: it goes into q (exact in fp32 on CPU; one more rounding in bf16)
         y = F.scaled_dot_product_attention(q * scale, k, v, attn_mask=mask, scale=1.0)
     return y[0].transpose(0, 1)
 
