@@ -540,14 +540,15 @@ OUTPUT_GATE_LAYERS = (3, 10)  # y * g, one gate per token and head
 DC_LAYERS = (10,)  # the dynamically composable attention correction
 ROTARY_MIN_FREQUENCY = 1 / 1024  # frequencies run from 1 down to this many radians per position
 ATTENTION_SCALE_INIT = 0.1  # softmax scale before any YaRN update
-YARN_RAMP = (1, 32)  # YaRN's (alpha, beta): turns over the old window below which a frequency is fully
-# interpolated and above which it is kept. Fixed numbers (the public script's defaults), not head_dim/4: at
-# head_dim 128 beta - alpha = 31 = head_dim/4 - 1 only by coincidence.
+# YaRN's ramp (alpha, beta) in turns over the old window: a frequency turning <= alpha times is interpolated
+# fully, >= beta times kept. The public script's fixed defaults, not tied to head_dim (beta - alpha = 31 equals
+# head_dim/4 - 1 at head_dim 128 by coincidence; the tiny preset's head_dim 8 keeps 31).
+YARN_RAMP = (1, 32)
 YARN_SCALE_SLOPE = 0.2  # the scale grows by 1 + 0.2 ln(new/old) at each long-window change
 QKVO_INIT_STD = 0.5  # uniform init of Q, K, V and O with this std times 1/sqrt(model_dim) (+-0.03125 at 768)
 XSA_NORM_FLOOR = 1e-8  # ||v||^2 is clamped to this in the XSA projection
 DC_GATE_NORM_EPS = 1e-6  # epsilon of the RMSNorm over the six DC w1 gate values
-DC_QUERY_CHUNK = 64  # the DC correction handles this many queries at a time: memory T x (64 + window)
+DC_QUERY_CHUNK = 64  # DC queries per chunk: its intermediates are (T, H, 64 + dc_window - 1), never (T, T)
 
 
 @dataclass(frozen=True)
@@ -663,7 +664,7 @@ def window_block_tables(document_ids: Tensor, block_size: int, window_tokens: Te
     first_document, last_document = blocks[:, 0], blocks[:, -1]
     block_index = torch.arange(num_blocks, device=document_ids.device)
     block_distance = block_index[:, None] - block_index[None, :]  # (query block, key block)
-    nearest = (block_distance - 1) * block_size + 1  # tokens between the closest pair
+    nearest = (block_distance - 1) * block_size + 1  # distance of the closest pair (first query, last key)
     farthest = block_distance * block_size + block_size - 1
     closest_pair_same_document = first_document[:, None] == last_document[None, :]
     all_same_document = last_document[:, None] == first_document[None, :]
@@ -696,6 +697,8 @@ def attention_masks(document_ids: Tensor, short_blocks: Tensor | int, long_block
                     backend: str) -> AttentionMasks:
     """document_ids (T,) int32, never decreasing (a new id at each document piece); the windows in blocks of
     block_size tokens; backend "flex" (BlockMasks) or "explicit" (dense bool masks)."""
+    if backend not in ("flex", "explicit"):
+        raise SettingsError(f"attention backend {backend!r}: choose flex or explicit")
     if document_ids.numel() % block_size:
         raise DataError(f"a buffer of {document_ids.numel()} tokens: must be a multiple of --block_size={block_size}")
     window_blocks = {"short": short_blocks, "long": long_blocks}
@@ -720,7 +723,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: Tensor) 
             return score * scale
 
         y = flex_attention(q, k, v, score_mod=scaled, block_mask=mask, scale=1.0)
-    else:  # SDPA takes no tensor scale: it goes into q (fp32 on CPU, where this path runs)
+    else:  # SDPA takes no tensor scale: it goes into q (exact in fp32 on CPU; one more rounding in bf16)
         y = F.scaled_dot_product_attention(q * scale, k, v, attn_mask=mask, scale=1.0)
     return y[0].transpose(0, 1)
 
@@ -737,7 +740,7 @@ def exclusive_self_attention(y: Tensor, v: Tensor, alpha: Tensor) -> Tensor:
     """XSA: y (T, H, D) loses tanh(alpha) times its projection on the same token's and head's v (T, H, D);
     alpha (T, H)."""
     projection = (y * v).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True).clamp_min(XSA_NORM_FLOOR)
-    return y - torch.tanh(alpha)[..., None] * projection * v
+    return y - torch.tanh(alpha).type_as(y)[..., None] * projection * v
 
 
 def dc_correction(q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tensor, document_ids: Tensor, scale: Tensor,
@@ -797,7 +800,8 @@ class CausalSelfAttention(nn.Module):
                 dc_w2: Tensor | None = None) -> Tensor:
         """x (T, d) normed input; lambdas (2,): the Q/K/V and the O weight multipliers; aux_v (T, H, D) added
         to v; per token and head (T, H): xsa_alpha (XSA layers), output_gate (gated layers), dc_w1 and dc_w2
-        (the DC layer). Returns the projected output (T, d)."""
+        (the DC layer). Returns the projected output (T, d) in x's dtype (the additions and gates are cast to it;
+        the DC arithmetic is fp32)."""
         features = self.features
         needed = {"xsa_alpha": (features.xsa, xsa_alpha), "output_gate": (features.output_gate, output_gate),
                   "dc_w1": (features.dc, dc_w1), "dc_w2": (features.dc, dc_w2)}
@@ -813,7 +817,7 @@ class CausalSelfAttention(nn.Module):
         if features.key_offset:
             k = shift_stationary_keys(k)
         if aux_v is not None:
-            v = v + aux_v
+            v = v + aux_v.type_as(v)
         mask = masks.by_kind[features.mask_kind]
         if features.paired_heads:  # (T, H, D) -> (2T, H/2, D): row 2t holds heads 0..H/2-1, row 2t+1 the rest
             rows = (t.reshape(2 * seq_len, num_heads // 2, head_dim) for t in (q, k, v))
@@ -826,7 +830,7 @@ class CausalSelfAttention(nn.Module):
         if features.xsa:
             y = exclusive_self_attention(y, v, xsa_alpha)
         if features.output_gate:
-            y = y * output_gate[..., None]
+            y = y * output_gate.type_as(y)[..., None]
         return F.linear(y.reshape(seq_len, num_heads * head_dim), lambdas[1] * self.qkvo[3].type_as(y))
 
 

@@ -208,6 +208,23 @@ def test_flex_forward_matches_explicit_path(layer):
     assert error < 1e-5 * outputs[1].abs().max().item(), f"layer {layer}: flex and explicit differ by {error}"
 
 
+@pytest.mark.parametrize("layer", [0, 3, 10])
+def test_bf16_layer_stays_bf16_and_close_to_fp32(layer):
+    """The GPU's compute dtype: fp32 gates and additions do not promote the layer; results near fp32's."""
+    generator = torch.Generator().manual_seed(300 + layer)
+    attention, rotary = model_parts(layer, seed=layer)
+    inputs = {name: t.detach() for name, t in layer_inputs(layer, generator).items()}
+    low = {name: t.bfloat16() if name in ("x", "aux_v") else t for name, t in inputs.items()}  # gates stay fp32
+    masks = R.attention_masks(DOCUMENTS, SHORT_BLOCKS, LONG_BLOCKS, BLOCK, "explicit")
+    x = low.pop("x").requires_grad_()
+    out = attention(x, masks=masks, rotary=rotary, **low)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    reference = attention(masks=masks, rotary=rotary, **inputs)
+    error = (out.float() - reference).abs().max().item()
+    assert error < 0.05 * reference.abs().max().item(), f"layer {layer}: bf16 differs from fp32 by {error}"
+
+
 def materialise(block_mask, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (query, key) pairs a BlockMask lets through: its mask function on the partial blocks, every pair
     of the full blocks; and the two block lists as dense (Q blocks, K blocks) tables."""
@@ -260,6 +277,20 @@ def test_masks_match_the_reference_mask(trial):
         assert torch.equal(partial | full, per_block.any(-1)), f"{kind} BlockMask visits the wrong blocks"
         assert torch.equal(full, per_block.all(-1)), f"{kind} BlockMask marks the wrong blocks as full"
         assert not (partial & full).any()
+
+
+@pytest.mark.parametrize("window_tokens", [0, 7, 17, 30, 31, 33, 46, 50])
+def test_block_mask_is_exact_for_windows_of_any_token_count(window_tokens):
+    """The block tables do not rely on windows being whole blocks."""
+    generator = torch.Generator().manual_seed(window_tokens)
+    ids = random_document_ids(BLOCK * 8, 6, generator)
+    block_mask = R.window_block_mask(ids, torch.tensor(window_tokens), BLOCK)
+    expected = reference_mask(ids.tolist(), window_tokens)
+    allowed, partial, full = materialise(block_mask, ids.numel())
+    per_block = expected.view(8, BLOCK, 8, BLOCK).transpose(1, 2).flatten(2)
+    assert torch.equal(allowed, expected), "BlockMask lets through other pairs than the reference"
+    assert torch.equal(partial | full, per_block.any(-1)), "BlockMask visits the wrong blocks"
+    assert torch.equal(full, per_block.all(-1)), "BlockMask marks the wrong blocks as full"
 
 
 def test_window_counts_tokens_as_fa3():
@@ -363,6 +394,8 @@ def test_xsa_matches_the_direct_formula():
     generator = torch.Generator().manual_seed(2)
     y, v = torch.randn(30, HEADS, HEAD_DIM, generator=generator), torch.randn(30, HEADS, HEAD_DIM, generator=generator)
     v[3, 2] = 0.0  # ||v||^2 below the floor: the projection coefficient stays finite
+    v[4, 1] *= 1e-5  # ||v||^2 ~ 1e-9: the floor decides the coefficient
+    v[5, 0] *= 1e-3  # ||v||^2 ~ 1e-5: just above the floor
     alpha = torch.randn(30, HEADS, generator=generator)
     out = R.exclusive_self_attention(y, v, alpha)
     for t in range(30):
@@ -394,20 +427,46 @@ def test_gates_must_match_the_layer():
         R.attention_masks(DOCUMENTS[:-1], SHORT_BLOCKS, LONG_BLOCKS, BLOCK, "explicit")
 
 
+@pytest.mark.parametrize("layer", [0, 10])
+def test_flex_path_traces_as_one_graph_and_new_windows_reuse_it(layer):
+    """Masks and layer in one fullgraph torch.compile (aot_eager: CPU inductor cannot lower flex on strided
+    inputs; the GPU lowers with Triton), windows as device tensors: new windows and a YaRN update must not
+    recompile."""
+    generator = torch.Generator().manual_seed(200 + layer)
+    attention, rotary = model_parts(layer, seed=layer)
+    inputs = {name: t.detach() for name, t in layer_inputs(layer, generator).items()}
+
+    def masks_and_layer(document_ids, short, long):
+        masks = R.attention_masks(document_ids, short, long, BLOCK, "flex")
+        return attention(masks=masks, rotary=rotary, **inputs)
+
+    compiled = torch.compile(masks_and_layer, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch.no_grad():
+        for short, long in ((SHORT_BLOCKS, LONG_BLOCKS), (SHORT_BLOCKS + 1, LONG_BLOCKS + 2)):
+            if short != SHORT_BLOCKS:
+                rotary.apply_yarn(LONG_BLOCKS * BLOCK, long * BLOCK)
+            with torch.compiler.set_stance("fail_on_recompile" if short != SHORT_BLOCKS else "default"):
+                out = compiled(DOCUMENTS, torch.tensor(short), torch.tensor(long))
+            explicit = R.attention_masks(DOCUMENTS, short, long, BLOCK, "explicit")
+            expected = attention(masks=explicit, rotary=rotary, **inputs)
+            error = (out - expected).abs().max().item()
+            assert error < 1e-5 * expected.abs().max().item(), f"layer {layer}: compiled flex differs by {error}"
+
+
 @pytest.mark.slow
-def test_compiled_layer_matches_eager():
-    """fullgraph torch.compile (no graph breaks, as the GPU run needs) of the DC layer and a paired layer,
-    explicit path on CPU, forward and backward."""
-    for layer in (10, 0):
-        generator = torch.Generator().manual_seed(layer)
-        attention, rotary = model_parts(layer, seed=layer)
-        inputs = layer_inputs(layer, generator)
-        masks = R.attention_masks(DOCUMENTS, SHORT_BLOCKS, LONG_BLOCKS, BLOCK, "explicit")
-        compiled = torch.compile(attention, fullgraph=True, dynamic=False)
-        results = []
-        for module in (attention, compiled):
-            out = module(masks=masks, rotary=rotary, **inputs)
-            results.append([out] + list(torch.autograd.grad(out.square().sum(), [attention.qkvo, inputs["x"]])))
-        for eager, compiled_result in zip(*results):
-            error = (eager - compiled_result).abs().max().item()
-            assert error < 1e-4 * eager.abs().max().item(), f"layer {layer}: compiled differs by {error}"
+def test_compiled_dc_layer_matches_eager():
+    """fullgraph torch.compile with inductor (no graph breaks, as the GPU run needs) of the DC layer (key
+    offset, output gate, aux_v), explicit path on CPU, forward and backward."""
+    layer = 10
+    generator = torch.Generator().manual_seed(layer)
+    attention, rotary = model_parts(layer, seed=layer)
+    inputs = layer_inputs(layer, generator)
+    masks = R.attention_masks(DOCUMENTS, SHORT_BLOCKS, LONG_BLOCKS, BLOCK, "explicit")
+    compiled = torch.compile(attention, fullgraph=True, dynamic=False)
+    results = []
+    for module in (attention, compiled):
+        out = module(masks=masks, rotary=rotary, **inputs)
+        results.append([out] + list(torch.autograd.grad(out.square().sum(), [attention.qkvo, inputs["x"]])))
+    for eager, compiled_result in zip(*results):
+        error = (eager - compiled_result).abs().max().item()
+        assert error < 1e-4 * eager.abs().max().item(), f"compiled differs by {error}"
