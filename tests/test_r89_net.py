@@ -132,7 +132,7 @@ def test_sign_table_is_seeded_and_the_same_on_independently_built_models(monkeyp
     with torch.no_grad():
         second.bigram_embed.copy_(first.bigram_embed)
     tokens = random_tokens(64)
-    assert torch.equal(first.embed_inputs(tokens, None, 0)[1].bigram, second.embed_inputs(tokens, None, 0)[1].bigram)
+    assert torch.equal(first.embed_inputs(tokens, None, None)[1].bigram, second.embed_inputs(tokens, None, None)[1].bigram)
 
 
 # ---- embeddings: tied head, smear, bigram vector, value embeddings, layer 0's input
@@ -153,7 +153,7 @@ def test_smear_matches_a_loop():
 def test_embed_inputs_match_the_formulas(monkeypatch):
     model = stand_in_model(monkeypatch)
     tokens = random_tokens(40)
-    x, inputs = model.embed_inputs(tokens, None, 0)
+    x, inputs = model.embed_inputs(tokens, None, None)
     idx = tokens.long()
     # tied: the token embedding is lm_head^T; smear, then x0 = norm(e)
     e = model.lm_head.T[idx]
@@ -185,18 +185,18 @@ def test_untie_copies_the_head_and_switches_the_embedding(monkeypatch):
     with torch.no_grad():
         model.embed.add_(1.0)  # now the embedding is its own: the head no longer feeds it
     tokens = random_tokens(16)
-    torch.testing.assert_close(model.embed_inputs(tokens, None, 0)[1].x0[0], norm(model.embed[tokens[0].long()]))
+    torch.testing.assert_close(model.embed_inputs(tokens, None, None)[1].x0[0], norm(model.embed[tokens[0].long()]))
     with pytest.raises(RuntimeError, match="already untied"):
         model.untie()
     model.load_state_dict(tied_state)  # a checkpoint from before the untie ties them again
     assert model.tied.item()
-    torch.testing.assert_close(model.embed_inputs(tokens, None, 0)[1].x0[0], norm(model.lm_head[:, tokens[0].long()]))
+    torch.testing.assert_close(model.embed_inputs(tokens, None, None)[1].x0[0], norm(model.lm_head[:, tokens[0].long()]))
 
 
 def test_tied_embedding_gradient_flows_into_the_head(monkeypatch):
     model = stand_in_model(monkeypatch)
     tokens = random_tokens(8)
-    model.embed_inputs(tokens, None, 0)[0].sum().backward()
+    model.embed_inputs(tokens, None, None)[0].sum().backward()
     assert model.embed.grad is None
     assert model.lm_head.grad is not None and model.lm_head.grad[:, tokens.long()].abs().sum() > 0
     unused = sorted(set(range(PADDED)) - set(tokens.tolist()))
@@ -263,7 +263,7 @@ def test_init_distributions(init_model):
 
 def layer_setup(model, tokens):
     """Layer inputs with random pre/post gates and caches, so every column read is checked."""
-    x, inputs = model.embed_inputs(tokens, "masks", 0)
+    x, inputs = model.embed_inputs(tokens, "masks", None)
     T = len(tokens)
     inputs.pre_gates = torch.randn(T, 26, dtype=torch.float64)
     inputs.post_gates = torch.randn(T, 41, dtype=torch.float64)
@@ -389,8 +389,8 @@ def test_hidden_runs_the_layers_in_order(monkeypatch):
     model = stand_in_model(monkeypatch)
     tokens = random_tokens(32)
     batch = SimpleNamespace(inputs=tokens, document_ids=torch.zeros(32, dtype=torch.int32))
-    hidden = model.hidden(batch, "masks", 0)
-    x, inputs = model.embed_inputs(tokens, "masks", 0)
+    hidden = model.hidden(batch, "masks", None)
+    x, inputs = model.embed_inputs(tokens, "masks", None)
     snapshots = {}
     for i in range(11):
         x = model.layer(i, x, inputs)
@@ -435,7 +435,10 @@ def test_record_shape_parameters(monkeypatch):
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     assert shapes == RECORD_SHAPES
     buffers = {name: tuple(b.shape) for name, b in model.named_buffers() if not name.startswith("rotary.")}
-    assert buffers == {"tied": (), "bigram_signs": (8192, 768), "long_window_tokens": ()}
+    fp8_scales = {f"mlp_fp8.{name}": (8, 11) for name in ("act_scale", "weight_scale", "next_act_scale",
+                                                           "next_weight_scale")}
+    assert buffers == {"tied": (), "bigram_signs": (8192, 768), "long_window_tokens": (), "mlp_fp8.steps": (),
+                       **fp8_scales}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # on CPU (here: meta) fp32 throughout
     total = sum(p.numel() for p in model.parameters())
     assert total == sum(math.prod(shape) for shape in RECORD_SHAPES.values())
@@ -451,7 +454,7 @@ def test_gpu_dtypes(monkeypatch):
 def check_every_parameter_reached(model, batch, masks):
     def backward():
         model.zero_grad(set_to_none=True)
-        hidden = model.hidden(batch, masks, 0)
+        hidden = model.hidden(batch, masks, None)
         (hidden.square().sum() + (hidden @ model.lm_head).square().sum()).backward()
         return {name for name, p in model.named_parameters() if p.grad is None}
 
@@ -471,7 +474,7 @@ def test_every_parameter_is_reached_by_the_backward_with_the_stand_in(monkeypatc
 def test_whole_forward_with_attention_reaches_every_parameter():
     model, batch = real_model_and_batch()
     masks = model.masks_for(batch, 1, 3)
-    hidden = model.hidden(batch, masks, 0)
+    hidden = model.hidden(batch, masks, None)
     assert hidden.shape == (64, 48) and torch.isfinite(hidden).all()
     torch.testing.assert_close(hidden.square().mean(-1), torch.ones(64), rtol=1e-4, atol=1e-4)
     check_every_parameter_reached(model, batch, masks)
@@ -498,7 +501,7 @@ def test_bf16_model_runs_in_bf16(monkeypatch):
     model = R.build_model(tiny_settings(), runtime)
     tokens = random_tokens(32)
     batch = SimpleNamespace(inputs=tokens, document_ids=torch.zeros(32, dtype=torch.int32))
-    hidden = model.hidden(batch, "masks", 0)
+    hidden = model.hidden(batch, "masks", None)
     assert hidden.dtype == torch.bfloat16 and torch.isfinite(hidden).all()
 
 
@@ -525,11 +528,11 @@ def test_forward_traces_as_one_graph():
     masks = model.masks_for(batch, 1, 3)
     torch._dynamo.reset()
     compiled = torch.compile(model.hidden, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(batch, masks, 0), model.hidden(batch, masks, 0))
+    torch.testing.assert_close(compiled(batch, masks, None), model.hidden(batch, masks, None))
     model.untie()
     with torch.no_grad():
         model.embed.mul_(2)
-    torch.testing.assert_close(compiled(batch, masks, 0), model.hidden(batch, masks, 0))
+    torch.testing.assert_close(compiled(batch, masks, None), model.hidden(batch, masks, None))
     torch._dynamo.reset()
 
 
