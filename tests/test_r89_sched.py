@@ -128,7 +128,7 @@ def test_tiny_preset_has_every_stage(tiny):
         assert plan.long_window_blocks * tiny.block_size <= plan.slot_tokens
         assert len(plan.mtp_weights) == {0: 3, 1: 2, 2: 1, 3: 1}[plan.stage]
         # the preset's per-stage lists, the extension keeping the last stage's batch and document length
-        assert plan.batch_tokens == [1024, 2048, 3072, 3072][plan.stage]
+        assert plan.batch_tokens == [512, 1024, 1536, 1536][plan.stage]
         assert plan.max_doc_len == [112, 256, 256, 256][plan.stage]
 
 
