@@ -183,8 +183,9 @@ class Runtime:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        # bf16 on GPUs; fp32 on CPU, whose bf16 matmuls are ~3x slower than fp32.
-        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # bf16 on GPUs; on CPU, whose bf16 matmuls are ~3x slower than fp32, the default dtype: fp32 (fp64 in
+        # tests that compare world sizes beyond rounding)
+        return torch.bfloat16 if self.device.type == "cuda" else torch.get_default_dtype()
 
     def slots(self, s: Settings) -> range:
         """The training buffers of a step this rank takes, in order: one per micro-step."""
@@ -1223,6 +1224,13 @@ LOGIT_SHIFT = 5.0
 LOGIT_SOFTNESS = 7.5
 TRAIN_LOSS_CHUNK_TOKENS = 16 * 1024  # tokens per head+loss chunk in training (recomputed in backward)
 EVAL_LOGITS_CHUNK = 16 * 1024  # tokens per head+loss chunk in validation (bounds the fp32 logits)
+# On CPU both use chunks of 96 tokens: a 96 x 50,304 fp32 block (19 MB) stays under glibc's 32 MB mmap threshold;
+# larger blocks are mapped and page-faulted afresh at every allocation, which doubled a tiny step's time.
+CPU_LOSS_CHUNK_TOKENS = 96
+
+
+def loss_chunk_tokens(device: torch.device, gpu_chunk: int) -> int:
+    return gpu_chunk if device.type == "cuda" else CPU_LOSS_CHUNK_TOKENS
 FP8_E4M3_MAX = 448.0
 FP8_E5M2_MAX = 57344.0
 HEAD_X_RANGE = 100.0  # FP8 head, fixed scales: x / (HEAD_X_RANGE / 448) and W / (HEAD_W_RANGE / 448) to e4m3,
@@ -1838,10 +1846,10 @@ class NorMuon:
         orthogonalise = polar_express_compiled if self.params[0].is_cuda else polar_express
         pending = []  # (all-gather handle, gathered weights, group)
         for group in self.groups:
-            grad = group.owned_gradient().float()
+            grad = group.owned_gradient().to(group.momentum.dtype)
             group.momentum.lerp_(grad, 1 - mu)
             nesterov = torch.lerp(grad, group.momentum, mu)  # (1 - mu) g + mu buf
-            v = normuon_variance_step(orthogonalise(nesterov, self.polar_dtype).float(), group.second_moment,
+            v = normuon_variance_step(orthogonalise(nesterov, self.polar_dtype).to(grad.dtype), group.second_moment,
                                       self.beta2)
             unit_lr = group.lr_mul * lr  # (per_rank, 1, 1)
             # the decay is lr_eff * (wd * base lr * f): fact sheet 2.8, step 5
@@ -1912,8 +1920,10 @@ class Adam:
         self.sharded_groups, self.replicated_params = [], self.params  # what GradientCommunicator reduces
         self.lr, self.wd, self.eps = s.adam_lr, s.adam_wd, s.adam_eps
         self.updates = 0  # t of the bias correction
-        self.moments = {name: (torch.zeros_like(param, dtype=torch.float32),
-                               torch.zeros_like(param, dtype=torch.float32)) for name, param in named_params}
+        # fp32 state (fp64 for fp64 parameters, in tests)
+        self.moments = {name: (torch.zeros_like(param, dtype=torch.promote_types(param.dtype, torch.float32)),
+                               torch.zeros_like(param, dtype=torch.promote_types(param.dtype, torch.float32)))
+                        for name, param in named_params}
 
     def updates_at(self, plan: "StepPlan") -> bool:
         return plan.adam_updates
@@ -1931,12 +1941,12 @@ class Adam:
             row = ADAM_TABLE[name]
             beta1, beta2 = row.betas
             exp_avg, exp_avg_sq = self.moments[name]
-            grad = param.grad.float()
+            grad = param.grad.to(exp_avg.dtype)
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             lr = self.lr * row.lr_mul * plan.lr_factor
             update = exp_avg / (exp_avg_sq.sqrt() + self.eps) * (lr * (1 - beta2**t) ** 0.5 / (1 - beta1**t))
-            param.copy_(cautious_decay_update(param.float(), update, 1.0, lr * lr * self.wd * row.wd_mul,
+            param.copy_(cautious_decay_update(param.to(exp_avg.dtype), update, 1.0, lr * lr * self.wd * row.wd_mul,
                                               strict=True))
             param.grad = None
 
@@ -2391,7 +2401,7 @@ def step_loss(model: "GPT", batch: Batch, plan: StepPlan, inputs: StepInputs, sl
     hidden = model.hidden(batch, masks, inputs.slot_ids[slot] if runtime.fp8 else None)
     mtp_weights, prefix_weight = inputs.weights(plan)
     return training_loss(hidden, model.lm_head, batch.targets, inputs.prefix_table[batch.targets], mtp_weights,
-                         prefix_weight, runtime.fp8)
+                         prefix_weight, runtime.fp8, loss_chunk_tokens(runtime.device, TRAIN_LOSS_CHUNK_TOKENS))
 
 
 def train_step(model: "GPT", optimizers, communicator: GradientCommunicator, loader: DocumentLoader,
@@ -2427,7 +2437,8 @@ def validation_loss(model: "GPT", val_tokens: Tensor, windows: tuple[int, int], 
     loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
     for batch in validation_batches(val_tokens, s, runtime):
         hidden = model.hidden(batch, model.masks_for(batch, *windows), None)
-        loss_sum += validation_loss_sum(hidden, model.lm_head, batch.targets).double()
+        loss_sum += validation_loss_sum(hidden, model.lm_head, batch.targets,
+                                        loss_chunk_tokens(runtime.device, EVAL_LOGITS_CHUNK)).double()
     if runtime.world_size > 1:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
     model.train()
