@@ -176,6 +176,7 @@ class Runtime:
     fp8: bool  # FP8 matmuls in training (emulated on CPU; off on GPUs below compute capability 8.9)
     savers: MemorySavers = MemorySavers()
     notices: tuple[str, ...] = ()  # what the start-up checks found and chose, one line each (printed and logged)
+    compile: bool = False  # the network and the loss run compiled (section 8)
 
     @property
     def is_main(self) -> bool:
@@ -232,7 +233,7 @@ def resolve_runtime(s: Settings, rank: int, world_size: int, local_rank: int) ->
     if rank == 0:
         for notice in notices:
             print(notice, flush=True)
-    return Runtime(rank, world_size, device, backend, fp8, MemorySavers(), tuple(notices))
+    return Runtime(rank, world_size, device, backend, fp8, MemorySavers(), tuple(notices), s.compile)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,11 +481,11 @@ def final_windows(s: Settings) -> tuple[int, int]:
 
 
 def warmup_steps(s: Settings) -> list[int]:
-    """The steps the untimed warm-up trains: 0, 1 and the two steps before and after each stage change (where
-    shapes, windows and the YaRN rotary change)."""
+    """The steps the untimed warm-up trains: 0, 1, the two steps before and after each stage change (where
+    shapes, windows and the YaRN rotary change), and the untie step and the next (the untied graphs)."""
     schedule = stages(s)
     changes = [stage.start for stage in schedule.all[1:] if stage.start < schedule.num_iterations]
-    steps = {0, 1} | {change + offset for change in changes for offset in WARMUP_OFFSETS}
+    steps = {0, 1, s.split_step, s.split_step + 1} | {change + offset for change in changes for offset in WARMUP_OFFSETS}
     return sorted(step for step in steps if 0 <= step < schedule.num_iterations)
 
 
@@ -2366,6 +2367,22 @@ class GradientCommunicator:
             group.reduced_gradient = group.stack_gradients(self.divisor)[group.owned.start:group.owned.stop]
 
 
+# Compilation (--compile): the network, GPT.hidden, is one graph per shape and mode (FlexAttention needs it), the
+# training loss one graph per chunk shape, run from the eager chunk loop that recomputes each chunk in backward.
+# The attention masks are built eagerly from the document ids (device ops, no host sync). Graphs: training, 3
+# stage shapes x tied/untied plus the extension's windows; validation, one per window pair it validates with;
+# so a function gets up to ~10, over dynamo's default limit of 8 recompiles (beyond it, it would run eagerly).
+RECOMPILE_LIMIT = 16
+
+training_loss_chunk_compiled = torch.compile(training_loss_chunk, dynamic=False)
+
+
+def compile_model(model: "GPT"):
+    """Replaces model.hidden by its compiled version (the parameters and state_dict stay the model's)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    model.hidden = torch.compile(model.hidden, dynamic=False, fullgraph=True)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 9. Training step, validation, warm-up
 # A step: each of this rank's slots (micro-steps) takes its batch, runs forward and backward on the summed
@@ -2401,7 +2418,8 @@ def step_loss(model: "GPT", batch: Batch, plan: StepPlan, inputs: StepInputs, sl
     hidden = model.hidden(batch, masks, inputs.slot_ids[slot] if runtime.fp8 else None)
     mtp_weights, prefix_weight = inputs.weights(plan)
     return training_loss(hidden, model.lm_head, batch.targets, inputs.prefix_table[batch.targets], mtp_weights,
-                         prefix_weight, runtime.fp8, loss_chunk_tokens(runtime.device, TRAIN_LOSS_CHUNK_TOKENS))
+                         prefix_weight, runtime.fp8, loss_chunk_tokens(runtime.device, TRAIN_LOSS_CHUNK_TOKENS),
+                         training_loss_chunk_compiled if runtime.compile else training_loss_chunk)
 
 
 def train_step(model: "GPT", optimizers, communicator: GradientCommunicator, loader: DocumentLoader,
@@ -2457,16 +2475,22 @@ def warm_up_kernels(model: "GPT", optimizers, communicator: GradientCommunicator
     initial_model = copy.deepcopy(model.state_dict())
     initial_optimizers = copy.deepcopy({o.state_key: o.named_state() for o in optimizers})
     loader = DocumentLoader(train_files, s, runtime)
+    one_sequence = replace(s, val_tokens=s.val_seq_len)
+
+    def validate(tied: bool):  # every window pair the run validates with while tied (before the untie) or after
+        for windows in sorted({validation_windows_at(step, s) for step in validation_steps(s)
+                               if (step <= s.split_step) == tied}):
+            with console.activity(f"warm-up validation with windows {windows[0]}/{windows[1]} blocks"):
+                validation_loss(model, val_tokens, windows, one_sequence, runtime)
+
+    validate(tied=True)
     steps = warmup_steps(s)
     for i, step in enumerate(steps):
         what = "compiling" if i == 0 and s.compile else "running kernels"
         with console.activity(f"warm-up step {i + 1}/{len(steps)} (the shapes of step {step}; {what})"):
             train_step(model, optimizers, communicator, loader, step_plan(step, s), inputs, s, runtime)
             runtime.synchronize()
-    one_sequence = replace(s, val_tokens=s.val_seq_len)
-    for windows in validation_windows(s):
-        with console.activity(f"warm-up validation with windows {windows[0]}/{windows[1]} blocks"):
-            validation_loss(model, val_tokens, windows, one_sequence, runtime)
+    validate(tied=False)  # the warm-up steps include the untie
     model.load_state_dict(initial_model)
     load_optimizer_state(optimizers, initial_optimizers)
     model.zero_grad(set_to_none=True)
@@ -2482,10 +2506,6 @@ def validation_windows_at(step: int, s: Settings) -> tuple[int, int]:
         return final_windows(s)
     plan = step_plan(step, s)
     return plan.short_window_blocks, plan.long_window_blocks
-
-
-def validation_windows(s: Settings) -> list[tuple[int, int]]:
-    return sorted({validation_windows_at(step, s) for step in validation_steps(s)})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2541,6 +2561,8 @@ def train(s: Settings, runtime: Runtime, signals: harness.StopSignals | None = N
         run.find_checkpoint()
         with run.console.activity("building the model and optimizers"):
             model = build_model(s, runtime)
+            if runtime.compile:
+                compile_model(model)
             optimizers = build_optimizers(model, s, runtime)
             communicator = GradientCommunicator(optimizers, s, runtime)
             inputs = StepInputs(s, runtime.device)

@@ -110,7 +110,7 @@ def test_final_windows_and_warmup_steps(record, tiny):
     assert R.final_windows(record) == (6, 20)
     assert R.final_windows(tiny) == (6, 20)
     for s, boundaries, total in ((record, (423, 847, 1270), 1285), (tiny, (9, 17, 25), 28)):
-        expected = {0, 1}
+        expected = {0, 1, s.split_step, s.split_step + 1}  # the untie step and the next: the untied graphs
         for boundary in boundaries:
             expected |= {boundary - 2, boundary - 1, boundary, boundary + 1}
         assert R.warmup_steps(s) == sorted(expected) and max(expected) < total
@@ -138,6 +138,8 @@ def test_no_extension(record):
     final = R.step_plan(1270, s)  # the final validation: the extension's (empty) stage, at its end
     assert (final.stage, final.lr_factor, final.mtp_weights, final.adam_updates) == (3, 0.15, (1.0,), False)
     assert R.warmup_steps(s) == [0, 1, 421, 422, 423, 424, 845, 846, 847, 848]
+    untie_away = R.parse_settings(["--split_step=1001"])
+    assert {1001, 1002} <= set(R.warmup_steps(untie_away))
     assert R.step_plan(1269, s).stage == 2
     rows = R.schedule_table(s).splitlines()
     assert not any(row.startswith("extension") for row in rows) and any(row.startswith("2 ") for row in rows)
