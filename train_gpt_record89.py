@@ -2377,10 +2377,10 @@ RECOMPILE_LIMIT = 16
 training_loss_chunk_compiled = torch.compile(training_loss_chunk, dynamic=False)
 
 
-def compile_model(model: "GPT"):
+def compile_model(model: "GPT", backend: str = "inductor"):
     """Replaces model.hidden by its compiled version (the parameters and state_dict stay the model's)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    model.hidden = torch.compile(model.hidden, dynamic=False, fullgraph=True)
+    model.hidden = torch.compile(model.hidden, dynamic=False, fullgraph=True, backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2528,23 +2528,51 @@ def gather_slot_rows(state: MLPFP8State, runtime: Runtime, group) -> dict[str, T
     return buffers
 
 
+def gather_pending_gradients(model: "GPT", runtime: Runtime, group) -> list[dict[str, Tensor]] | None:
+    """Every rank's gradients still waiting for their optimizer between steps (Adam's after an even step: its
+    gradients accumulate over two steps, unreduced, on each rank), by parameter name, one dict per rank.
+    Collective over the CPU group; rank 0 gets the list, the others None."""
+    pending = {name: param.grad.cpu() for name, param in model.named_parameters() if param.grad is not None}
+    if runtime.world_size == 1:
+        return [pending]
+    parts = [None] * runtime.world_size if runtime.is_main else None
+    dist.gather_object(pending, parts, dst=0, group=group)
+    return parts
+
+
+def restore_pending_gradients(model: "GPT", by_rank: list[dict[str, Tensor]], runtime: Runtime):
+    """At the same world size each rank takes its own; at another, rank 0 takes their sum (the reduction at
+    the next Adam step sums over ranks anyway) and the others zeros."""
+    if len(by_rank) == runtime.world_size:
+        pending = by_rank[runtime.rank]
+    elif runtime.is_main:
+        pending = {name: sum(part[name].double() for part in by_rank) for name in by_rank[0]}
+    else:
+        pending = {name: torch.zeros_like(grad) for name, grad in by_rank[0].items()}
+    for name, param in model.named_parameters():
+        param.grad = pending[name].to(param.device, param.dtype) if name in pending else None
+
+
 def training_state(model: "GPT", optimizers, loader: DocumentLoader, runtime: Runtime, group) -> dict | None:
     """Weights and buffers (tied flag, YaRN rotary, FP8 scales of every slot), every optimizer's state by
-    parameter name (gathered from the ranks that own it, so it loads at any world size) and the data position.
-    Collective: every rank calls it; rank 0 gets the dict, the others None."""
+    parameter name (gathered from the ranks that own it, so it loads at any world size), the gradients still
+    accumulating for Adam, and the data position. Collective: every rank calls it; rank 0 gets the dict, the
+    others None."""
     fp8_scales = gather_slot_rows(model.mlp_fp8, runtime, group)
     optimizer = optimizer_state(optimizers, runtime, group)
+    pending = gather_pending_gradients(model, runtime, group)
     if not runtime.is_main:
         return None
     model_state = to_cpu(model.state_dict())
     model_state.update({f"mlp_fp8.{name}": buffer for name, buffer in fp8_scales.items()})
-    return dict(model=model_state, optimizers=to_cpu(optimizer), data=loader.state())
+    return dict(model=model_state, optimizers=to_cpu(optimizer), pending_gradients=pending, data=loader.state())
 
 
 def restore_training_state(checkpoint: dict, model: "GPT", optimizers, runtime: Runtime) -> dict:
     """Loads training_state's dict (each rank takes the optimizer state it owns); returns the data position."""
     model.load_state_dict(checkpoint["model"])
     load_optimizer_state(optimizers, checkpoint["optimizers"])
+    restore_pending_gradients(model, checkpoint["pending_gradients"], runtime)
     return checkpoint["data"]
 
 

@@ -2,6 +2,7 @@
 a run resumed before a stage change and before the untie ends exactly as the uninterrupted one; 1 rank with 8
 micro-steps trains as 2 gloo ranks with 4. A short schedule (stages end at steps 3, 5 and 7, the untie after step
 5, one extension step) crosses every boundary in 8 steps."""
+import functools
 import os
 import re
 
@@ -49,6 +50,7 @@ def assert_same_training_state(first: dict, second: dict):
         assert torch.equal(tensor, second["model"][name]), name
     assert_same_nested(first["optimizers"], second["optimizers"], "optimizers")
     assert first["data"] == second["data"]
+    assert_same_nested(first["pending_gradients"], second["pending_gradients"], "pending_gradients")
 
 
 def assert_same_nested(a, b, where: str):
@@ -75,7 +77,7 @@ def test_schedule_flag_prints_the_stages(capsys):
 
 @pytest.fixture(scope="module")
 def whole_run(tmp_path_factory):
-    """The uninterrupted short run, checkpointed every 2 steps: (log folder, run id)."""
+    """The uninterrupted short run, checkpointed after every step: (log folder, run id)."""
     folder = tmp_path_factory.mktemp("whole")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TIKTOKEN_CACHE_DIR", str(tiktoken_cache()))
@@ -84,7 +86,7 @@ def whole_run(tmp_path_factory):
     return folder, "run"
 
 
-CHECKPOINTS = ("--checkpoint_every=2", "--checkpoint_keep=5")
+CHECKPOINTS = ("--checkpoint_every=1", "--checkpoint_keep=9")
 
 
 def test_short_run_learns_and_logs_every_boundary(whole_run):
@@ -103,7 +105,9 @@ def test_warmup_leaves_the_run_exactly_as_without_it(tmp_path, whole_run):
     assert_same_training_state(final_checkpoint(folder, run_id), final_checkpoint(tmp_path, "warm"))
 
 
-@pytest.mark.parametrize("resume_step", [2, 4])  # before the stage change at 3; before the untie after step 5
+# resumed at step 2: before the stage change at 3; 3: Adam's gradients of step 2 pending (it updates after odd
+# steps); 4: before the untie after step 5
+@pytest.mark.parametrize("resume_step", [2, 3, 4])
 def test_resume_before_a_stage_change_and_the_untie_ends_exactly_as_the_uninterrupted_run(tmp_path, whole_run,
                                                                                           resume_step):
     folder, run_id = whole_run
@@ -115,6 +119,31 @@ def test_resume_before_a_stage_change_and_the_untie_ends_exactly_as_the_uninterr
     resumed_losses = val_losses((tmp_path / f"{run_id}.txt").read_text())
     whole_losses = val_losses((folder / f"{run_id}.txt").read_text())
     assert 8 in resumed_losses and all(whole_losses[step] == loss for step, loss in resumed_losses.items())
+
+
+@pytest.mark.slow
+def test_a_compiled_run_compiles_nothing_after_the_warmup(tmp_path, monkeypatch):
+    """Every stage's shapes, the untie and every validation window pair compile in the warm-up; the timed run
+    then reuses them. Dynamo's graphs are the same for any backend: aot_eager keeps the test fast."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(R, "compile_model", functools.partial(R.compile_model, backend="aot_eager"))
+    monkeypatch.setattr(R, "training_loss_chunk_compiled",
+                        torch.compile(R.training_loss_chunk, dynamic=False, backend="aot_eager"))
+    graphs_after_warmup = []
+    warm_up = R.warm_up_kernels
+
+    def warm_up_then_count(*args, **kwargs):
+        warm_up(*args, **kwargs)
+        graphs_after_warmup.append(counters["stats"]["unique_graphs"])
+
+    monkeypatch.setattr(R, "warm_up_kernels", warm_up_then_count)
+    torch._dynamo.reset()
+    counters.clear()
+    args = with_settings(short_run_args(tmp_path, "compiled"), "--compile=true", "--warmup=true")
+    assert R.main(args) == 0
+    assert graphs_after_warmup[0] >= 8  # the network: 3 stage shapes x tied/untied + validation; the loss chunks
+    assert counters["stats"]["unique_graphs"] == graphs_after_warmup[0], dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def run_ranks(script, args: list[str], nproc: int):
