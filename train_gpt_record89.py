@@ -134,7 +134,8 @@ VOCAB_PAD_MULTIPLE = 128  # the LM head's columns: vocabulary rounded up to this
 
 
 def settings_help() -> str:
-    return harness.settings_help(Settings, PRESETS, program=RECIPE_FILE.name)
+    return (harness.settings_help(Settings, PRESETS, program=RECIPE_FILE.name)
+            + "\n\n--schedule: print the table of stages of these settings and exit")
 
 
 def parse_settings(argv: list[str]) -> Settings:
@@ -2508,6 +2509,32 @@ def validation_windows_at(step: int, s: Settings) -> tuple[int, int]:
     return plan.short_window_blocks, plan.long_window_blocks
 
 
+def estimate_memory(s: Settings, runtime: Runtime) -> dict[str, tuple[int, str]]:
+    """A lower bound of one rank's peak memory in bytes, by part, each with the setting that sizes it (the
+    harness compares it with what the device has before anything is built): weights, gradients and optimizer
+    state (16 bytes a parameter); activations of the largest micro-step (~16 model_dim-wide values a token and
+    layer); one loss chunk's fp32 logits (3 copies: logits, softmax, gradient); the evaluation logits; and on
+    the explicit (CPU) path the dense masks, twice as long on the paired-head layers."""
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in GPT(s, runtime.attention_backend).parameters())
+    value_bytes = torch.finfo(runtime.compute_dtype).bits // 8
+    vocab = padded_vocab_size(s.vocab_size)
+    slot_tokens = max(stage.batch_tokens for stage in stages(s).scheduled) // s.slots_per_step
+    train_chunk = min(loss_chunk_tokens(runtime.device, TRAIN_LOSS_CHUNK_TOKENS), slot_tokens)
+    eval_chunk = min(loss_chunk_tokens(runtime.device, EVAL_LOGITS_CHUNK), s.val_seq_len)
+    parts = {
+        "weights and optimizer state": (16 * num_params, "--model_dim / --bigram_buckets"),
+        "activations of one micro-step": (16 * s.model_dim * NUM_LAYERS * slot_tokens * value_bytes,
+                                          "--stage_batch_tokens"),
+        "logits of one micro-step": (3 * train_chunk * vocab * 4, "--stage_batch_tokens"),
+        "evaluation logits": (eval_chunk * vocab * 4, "--val_seq_len"),
+    }
+    if runtime.attention_backend == "explicit":
+        parts["dense attention masks (training)"] = (len(MASK_KINDS) * (2 * slot_tokens) ** 2, "--stage_batch_tokens")
+        parts["dense attention masks (evaluation)"] = (len(MASK_KINDS) * (2 * s.val_seq_len) ** 2, "--val_seq_len")
+    return parts
+
+
 # ----------------------------------------------------------------------------------------------------
 # 10. Checkpoint state: the recipe's part of a checkpoint (the harness adds step, time, settings, RNG)
 
@@ -2624,6 +2651,7 @@ def main(argv: list[str]) -> int:
             print(schedule_table(s))
             return None
         runtime = resolve_runtime(s, *harness.process_ranks())
+        harness.check_memory(s, runtime, estimate_memory(s, runtime))
         if s.check_only:
             train_files, _ = check_data(s)
             return None

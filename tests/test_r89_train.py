@@ -75,6 +75,18 @@ def test_schedule_flag_prints_the_stages(capsys):
         assert stage_steps in table
 
 
+def test_help_names_the_schedule_flag(capsys):
+    assert R.main(["--help"]) == 0
+    assert "--schedule" in capsys.readouterr().out
+
+
+def test_the_record_shape_on_a_cpu_stops_with_one_line_before_building_anything(capsys):
+    assert R.main(["--device=cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("error: these settings need at least")
+    assert "GPU-sized settings" in error and "--preset=tiny" in error
+
+
 @pytest.fixture(scope="module")
 def whole_run(tmp_path_factory):
     """The uninterrupted short run, checkpointed after every step: (log folder, run id)."""
