@@ -116,6 +116,19 @@ def test_findings_fatal_and_notes():
     assert any("FP8" in item for item in fatal)
 
 
+def test_findings_of_record89_counted_phases():
+    # record 89: the warm-up may compile; the counted steps may not, and a host sync in a training step is fatal
+    traced = dict(errors=[], unpadded_matmuls=["mm key"], phases=dict(
+        warm_up=dict(graph_breaks=0, graphs_compiled=9),
+        train_stage0_step2=dict(graph_breaks=0, graphs_compiled=1, counted=True, syncs_fatal=True, sync_count=2,
+                                memory=dict(Total=2**30)),
+        eval_final=dict(graph_breaks=0, graphs_compiled=0, counted=True, sync_count=1, memory=dict(Total=2**30))))
+    h100 = GPUS["h100"]
+    fatal, notes = report.findings(traced, h100.total_memory, h100.name, h100.has_fp8)
+    assert len(fatal) == 2 and "train_stage0_step2: 1 graph(s) compiled" in fatal[0] and "2 host-device" in fatal[1]
+    assert notes[0] == "eval_final: 1 host-device sync(s)" and "unaligned" in notes[1]
+
+
 def fake_cuda_tensor(mode):
     with mode:
         return torch.empty(8, 8, device="cuda")

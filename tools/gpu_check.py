@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""GPU check without a GPU: compile train_gpt.py's CUDA path for a chosen GPU and report its graphs,
+"""GPU check without a GPU: compile a recipe's CUDA path for a chosen GPU and report its graphs,
 Triton kernels, predicted peak memory and host syncs (see README.md, "GPU check").
 
-    python tools/gpu_check.py [--gpu=h100] [--nproc=8] [--out=DIR] [--no-kernels] [--only=train|eval] [--name=value ...]
+    python tools/gpu_check.py [--recipe=train_gpt.py|train_gpt_record89.py] [--gpu=h100] [--nproc=8] [--out=DIR]
+                              [--no-kernels] [--only=train|eval] [--name=value ...]
 
 Any python runs this launcher (standard library only). It creates once, and then reuses, a venv outside
 the repository with exactly the torch and triton the Dockerfile pins (CUDA build), builds the two stub
 libraries with the system C compiler, and re-executes the check (fake_gpu/worker.py) inside that venv.
 The user's own environment is never touched. Trainer settings (`--name=value`) are passed on to
-train_gpt.py's own parse_settings. Exit status: 0 pass, 1 a fatal finding, 2 bad settings, 3 the
+the recipe's own parse_settings (default recipe: train_gpt.py). Exit status: 0 pass, 1 a fatal finding, 2 bad settings, 3 the
 environment could not be made (the one-line message says why).
 """
 
@@ -148,8 +149,8 @@ def worker_environment(stubs: Path) -> dict:
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-        print("tool flags: --gpu=h100|h200|a100-80gb|a100-40gb|l40s|rtx4090, --nproc=N, --out=DIR, --no-kernels, "
-              "--only=train|eval, --commit=SHA; every other --name=value is a train_gpt.py setting")
+        print("tool flags: --recipe=FILE (train_gpt.py or train_gpt_record89.py), --gpu=h100|h200|a100-80gb|a100-40gb|l40s|rtx4090, --nproc=N, --out=DIR, --no-kernels, "
+              "--only=train|eval, --commit=SHA; every other --name=value is a setting of the recipe")
         return 0
     try:
         torch_version, triton_version = pinned_versions()

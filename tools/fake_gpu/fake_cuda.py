@@ -19,6 +19,7 @@ from .gpus import GPU
 
 TRITON_KERNELS: dict[str, str] = {}  # kernel name -> Triton source, as inductor generated it
 LAUNCHES: dict[str, int] = {}  # kernel name -> launches while the fake ran the generated code
+UNPADDED_MATMULS: list[str] = []  # matmuls whose padding inductor would decide by benchmarking on the GPU
 
 
 class _RecordedKernel:
@@ -160,6 +161,20 @@ def _record_kernels_instead_of_loading():
     async_compile.AsyncCompile.triton = record_triton
     async_compile.AsyncCompile.wait = lambda self, scope: None
 
+    # A compute-bound matmul with unaligned sizes (record 89's) is padded or not by timing both on the GPU:
+    # without one, it is not padded (inductor's answer when padding does not pay), and the check notes it.
+    import torch._inductor.fx_passes.pad_mm as pad_mm_pass
+    cached_should_pad = pad_mm_pass.get_cached_should_pad
+
+    def should_pad_without_benchmark(key):
+        cached = cached_should_pad(key)
+        if cached is None:
+            UNPADDED_MATMULS.append(str(key))
+            return False
+        return cached
+
+    pad_mm_pass.get_cached_should_pad = should_pad_without_benchmark
+
     # Pattern-matcher initialisation builds example tensors on the input's device: build them on CPU.
     import torch._inductor.fx_passes.fuse_attention as fuse_attention
     import torch._inductor.fx_passes.misc_patterns as misc_patterns
@@ -185,6 +200,10 @@ def _host_data_through_the_dispatcher():
     torch.tensor(data, device="cuda") / t.new_tensor(data) build the tensor on the host and copy it
     in C++, which in autograd's device thread bypasses FakeTensorMode: build on the host and copy with
     .to() instead, the same host-to-device copy, made visible to the dispatch modes."""
+    # `with torch.device(...)` (record 89's build_model) sets the device of the factories it lists, by identity,
+    # in a set made at its first use: make it now, with torch's own factories, which the wrappers below call.
+    import torch.utils._device
+    torch.utils._device._device_constructors()
     make_tensor = torch.tensor
 
     def tensor(data, *, dtype=None, device=None, requires_grad=False, pin_memory=False):

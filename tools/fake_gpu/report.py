@@ -50,8 +50,9 @@ def findings(traced: dict, gpu_total_memory: int, gpu_name: str, has_fp8: bool) 
     for phase, info in traced.get("phases", {}).items():
         if info.get("graph_breaks"):
             fatal.append(f"{phase}: {info['graph_breaks']} graph break(s): {'; '.join(info['break_reasons'])[:300]}")
-        if phase.endswith("last_window") and info.get("graphs_compiled"):
-            fatal.append(f"{phase}: {info['graphs_compiled']} recompile(s) when the window grew")
+        if info.get("counted", phase.endswith("last_window")) and info.get("graphs_compiled"):
+            fatal.append(f"{phase}: {info['graphs_compiled']} graph(s) compiled after the first window and the "
+                         "warm-up (recompiles)")
         peak = info.get("memory", {}).get("Total")
         if peak is not None and peak > gpu_total_memory:
             fatal.append(f"{phase}: predicted peak memory {peak / GIB:.1f} GiB exceeds the {gpu_name}'s "
@@ -61,8 +62,14 @@ def findings(traced: dict, gpu_total_memory: int, gpu_name: str, has_fp8: bool) 
                                if name.split(".")[0] == "aten::_scaled_mm"):
             fatal.append(f"{phase}: FP8 matmuls (torch._scaled_mm) need compute capability 8.9 or newer, which the "
                          f"{gpu_name} lacks: run with --fp8_head=false")
-        if info.get("sync_count"):
+        if info.get("sync_count") and info.get("syncs_fatal"):
+            fatal.append(f"{phase}: {info['sync_count']} host-device sync(s) in a training step")
+        elif info.get("sync_count"):
             notes.append(f"{phase}: {info['sync_count']} host-device sync(s)")
+    if traced.get("unpadded_matmuls"):
+        notes.append(f"{len(traced['unpadded_matmuls'])} compute-bound matmul shape(s) with unaligned sizes: inductor "
+                     "decides whether to pad them by timing on the GPU; the check assumes no padding (see "
+                     "gpu_check.json, unpadded_matmuls)")
     kernel_summary = traced.get("kernels")
     if kernel_summary:
         fatal.extend(kernel_summary["fatal"])
@@ -88,7 +95,7 @@ def assemble(traced: dict, gpu, s, runtime, args, trainer_args: list[str], commi
         triton_version=triton.__version__, python_version=sys.version.split()[0],
         gpu=dict(key=gpu.key, name=gpu.name, arch=f"sm_{gpu.arch}", total_memory=gpu.total_memory,
                  shared_memory_per_block_optin=gpu.shared_memory_per_block_optin, fp8=gpu.has_fp8),
-        world_size=runtime.world_size, grad_accum_steps=runtime.grad_accum_steps, trainer_args=trainer_args,
+        world_size=runtime.world_size, grad_accum_steps=getattr(runtime, "grad_accum_steps", None), trainer_args=trainer_args,
         settings=dataclasses.asdict(s), kernels_compiled=not args.no_kernels,
         host=os.uname().nodename, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         memory_estimator="torch.distributed._tools.mem_tracker.MemTracker over the whole step on FakeTensors",
@@ -103,12 +110,15 @@ def _gib(value) -> str:
 def render_markdown(results: dict) -> str:
     meta, gpu = results["meta"], results["meta"]["gpu"]
     lines = [
-        f"# GPU check: {gpu['name']} ({gpu['arch']}), {meta['world_size']} rank(s), commit {meta['git_commit']}",
+        f"# GPU check of {results.get('recipe', 'train_gpt.py')}: {gpu['name']} ({gpu['arch']}), "
+        f"{meta['world_size']} rank(s), commit {meta['git_commit']}",
         "",
+        f"- recipe: `{results.get('recipe', 'train_gpt.py')}`",
         f"- command: `{meta['command']}`",
         f"- commit: {meta['git_commit']}" + (" (tracked files modified)" if meta["git_dirty"] else ""),
         f"- torch {meta['torch_version']} (CUDA {meta['cuda_version']}), triton {meta['triton_version']}, "
         f"python {meta['python_version']}, on {meta['host']} with no GPU: a fake {gpu['name']}",
+        f"- {results['step_shape']}" if results.get("step_shape") else
         f"- rank 0 of {meta['world_size']}: {meta['grad_accum_steps']} micro-step(s) of "
         f"{meta['settings']['train_seq_len']} tokens per optimizer step; evaluation sequences of "
         f"{meta['settings']['val_seq_len']} tokens",
@@ -146,7 +156,7 @@ def render_markdown(results: dict) -> str:
         externs = ", ".join(f"{name.split('.')[-2] if name.endswith('default') else name.split('.')[-1]} x{count}"
                             for name, count in graph["extern_calls"].items())
         lines.append(f"| {graph['kind']} | {graph['triton_kernels']} | {externs} | {graph['flops'] / 1e9:.1f} | "
-                     f"{graph['flops_per_token'] / 1e6:.1f} M | {', '.join(graph['flops_not_counted']) or '-'} | "
+                     f"{'-' if graph['flops_per_token'] is None else format(graph['flops_per_token'] / 1e6, '.1f') + ' M'} | {', '.join(graph['flops_not_counted']) or '-'} | "
                      f"{_gib(graph['plan_peak_bytes'])} | {_gib(graph['plan_live_at_return_bytes'])} |")
     kernel_summary = results.get("kernels")
     lines += [""]

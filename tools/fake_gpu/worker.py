@@ -1,8 +1,10 @@
 """The GPU check itself; runs inside the check's venv (CUDA torch build) with the stub libraries preloaded.
 
-    python -m fake_gpu.worker --gpu=h100 --nproc=8 --out=DIR [--no-kernels] [--only=train|eval] [--name=value ...]
+    python -m fake_gpu.worker [--recipe=train_gpt.py] --gpu=h100 --nproc=8 --out=DIR [--no-kernels] [--only=train|eval]
+                              [--name=value ...]
 
-It runs train_gpt.py's own code on FakeTensors of a fake GPU, in the order of the training loop:
+It runs the recipe's own code on FakeTensors of a fake GPU, in the order of the training loop. For
+train_gpt.py (record 21; trace_record21):
   1. build_model, torch.compile, build_optimizers, GradientReducer, TrainLoader, as train() does;
   2. validation_loss at step 0 and train_step at step 0: dynamo, AOTAutograd and inductor generate the
      compiled graphs (forward, backward, evaluation) and every Triton kernel;
@@ -12,11 +14,17 @@ It runs train_gpt.py's own code on FakeTensors of a fake GPU, in the order of th
      generated wrappers' allocations, Triton launches (skipped), cuBLAS and custom ops (fake
      kernels), the eager optimizers, the stubbed collectives.
   4. each Triton kernel is compiled offline for the GPU's architecture (unless --no-kernels).
+For train_gpt_record89.py (record 89; trace_record89): first windows as above, then the recipe's warm-up
+(every warm-up step, every validation window pair), then one counted training step per stage (tied stages 0
+and 1, the untie step, untied stage 2, the extension) and the final validation, each of which must compile
+nothing (see trace_record89).
 Then it writes gpu_check.json and gpu_check.md to --out and prints the table; exit 1 on a fatal finding.
 """
 
 import argparse
 import contextlib
+import dataclasses
+import importlib
 import os
 import sys
 import tempfile
@@ -38,11 +46,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 GRAPHS: list[dict] = []  # one per compiled graph: kind, wrapper path, FLOPs, extern calls
+CURRENT = dict(tokens=None)  # tokens per call of the model in the call now running (graphs compiled there)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="train_gpt.py",
+                        help="the recipe file to check, in the repository root (train_gpt.py or train_gpt_record89.py)")
     parser.add_argument("--gpu", default=DEFAULT_GPU, choices=sorted(GPUS), help="the GPU to fake")
     parser.add_argument("--nproc", type=int, default=1, help="ranks of the run (world size); rank 0 is traced")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json and gpu_check.md")
@@ -93,7 +104,8 @@ def _record_graphs():
                 uncounted.add("dynamic-shape ops")
             elif "flex_attention" in str(node.target):
                 uncounted.add(str(node.target))
-        GRAPHS.append(dict(kind=kind, wrapper=module.__file__, flops=flops, uncounted=sorted(uncounted)))
+        GRAPHS.append(dict(kind=kind, wrapper=module.__file__, flops=flops, uncounted=sorted(uncounted),
+                           tokens=CURRENT["tokens"]))
         return module
 
     GraphLowering.compile_to_module = compile_to_module
@@ -173,7 +185,52 @@ def mark_calls(obj, method: str, counter: HostSyncCounter, label: str):
     setattr(obj, method, marked)
 
 
-def trace(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
+def run_phase(results: dict, phase: str, fn) -> bool:
+    """Runs one phase and records its graphs compiled, graph breaks, Triton launches and error (a compile or
+    trace failure is the check's finding). A host read of a FakeTensor (`.item()`) ends the call normally."""
+    before = dynamo_counts()
+    launches_before = sum(fake_cuda.LAUNCHES.values())
+    started = time.perf_counter()
+    try:
+        fn()
+        error = None
+    except DataDependentOutputException as exc:
+        error = None if exc.func is torch.ops.aten._local_scalar_dense.default else repr(exc)
+    except Exception as exc:  # a compile or trace failure is the check's finding
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
+        frames = [f"{frame.filename}:{frame.lineno} {frame.line}" for frame in traceback.extract_tb(exc.__traceback__)
+                  if "site-packages" not in frame.filename]
+        results["errors"].append(dict(phase=phase, error=error, frames=frames,
+                                      traceback=traceback.format_exc()[-3000:]))
+    after = dynamo_counts()
+    results["phases"][phase] = dict(
+        seconds=round(time.perf_counter() - started, 1), error=error,
+        graphs_compiled=after["graphs"] - before["graphs"],
+        graph_breaks=sum(after["breaks"].values()) - sum(before["breaks"].values()),
+        break_reasons=sorted(set(after["breaks"]) - set(before["breaks"])),
+        triton_launches=sum(fake_cuda.LAUNCHES.values()) - launches_before)
+    return error is None
+
+
+def run_counted_phase(results: dict, phase: str, fn, counter: HostSyncCounter, track, **flags) -> bool:
+    """run_phase under MemTracker (predicted peak memory) and the host sync counter: syncs, copies, op counts,
+    all-reduce overlap. track(tracker) registers the tensors that exist before the phase (model, optimizers).
+    flags (e.g. counted=True, syncs_fatal=True) are stored with the phase for the findings."""
+    tracker = PeakMemTracker()
+    track(tracker)
+    counter.clear()
+    with tracker, counter:
+        ok = run_phase(results, phase, fn)
+    if ok:
+        results["phases"][phase].update(
+            memory=memory_breakdown(tracker), largest_at_peak=tracker.largest_at_peak(), syncs=counter.summary(),
+            sync_count=counter.count("sync"), h2d_count=counter.count("h2d"),
+            op_counts=dict(counter.op_counts),
+            overlap=counter.communication_overlap(LAST_MICRO_STEP, BACKWARD_DONE), **flags)
+    return ok
+
+
+def trace_record21(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
     results = dict(phases={}, errors=[])
     fake_mode = fake_cuda.FakeGPUMode(allow_non_fake_inputs=True, run_custom_ops=True)
     shard = work_dir / "tokens.bin"
@@ -193,56 +250,223 @@ def trace(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
         mark_calls(reducer, "finish", counter, BACKWARD_DONE)
         last_step = s.num_iterations - 1
 
-        def run(phase: str, fn):
-            before = dynamo_counts()
-            launches_before = sum(fake_cuda.LAUNCHES.values())
-            started = time.perf_counter()
-            try:
-                fn()
-                error = None
-            except DataDependentOutputException as exc:
-                error = None if exc.func is torch.ops.aten._local_scalar_dense.default else repr(exc)
-            except Exception as exc:  # a compile or trace failure is the check's finding
-                error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
-                frames = [f"{frame.filename}:{frame.lineno} {frame.line}" for frame in traceback.extract_tb(exc.__traceback__)
-                          if "site-packages" not in frame.filename]
-                results["errors"].append(dict(phase=phase, error=error, frames=frames,
-                                              traceback=traceback.format_exc()[-3000:]))
-            after = dynamo_counts()
-            results["phases"][phase] = dict(
-                seconds=round(time.perf_counter() - started, 1), error=error,
-                graphs_compiled=after["graphs"] - before["graphs"],
-                graph_breaks=sum(after["breaks"].values()) - sum(before["breaks"].values()),
-                break_reasons=sorted(set(after["breaks"]) - set(before["breaks"])),
-                triton_launches=sum(fake_cuda.LAUNCHES.values()) - launches_before)
-            return error is None
-
         # 1-2: first window: compile, as at the start of training (validation at step 0 comes first).
         # No dispatch mode may be active here (dynamo would not compile), so a host read of a FakeTensor
         # (`.item()`) ends the call: by then its graphs exist, and the counted phases see the whole call.
         if do_eval:
-            run("eval_first_window", lambda: T.validation_loss(eval_model, val_tokens, 0, s, runtime))
+            run_phase(results, "eval_first_window", lambda: T.validation_loss(eval_model, val_tokens, 0, s, runtime))
             raw_model.train()
         if do_train:
-            run("train_first_window", lambda: T.train_step(raw_model, optimizers, reducer, batches, 0, s, runtime))
+            run_phase(results, "train_first_window",
+                      lambda: T.train_step(raw_model, optimizers, reducer, batches, 0, s, runtime))
         # 3: last window, counted: syncs, copies, memory, recompiles
         for phase, enabled, fn in (
                 ("train_last_window", do_train, lambda: T.train_step(raw_model, optimizers, reducer, batches, last_step, s, runtime)),
                 ("eval_last_window", do_eval, lambda: T.validation_loss(eval_model, val_tokens, s.num_iterations, s, runtime))):
             if not enabled or results["errors"]:
                 continue
-            tracker = PeakMemTracker()
-            tracker.track_external(raw_model, *optimizers)
-            counter.clear()
-            with tracker, counter:
-                ok = run(phase, fn)
-            if ok:
-                results["phases"][phase].update(
-                    memory=memory_breakdown(tracker), largest_at_peak=tracker.largest_at_peak(), syncs=counter.summary(),
-                    sync_count=counter.count("sync"), h2d_count=counter.count("h2d"),
-                    op_counts=dict(counter.op_counts),
-                    overlap=counter.communication_overlap(LAST_MICRO_STEP, BACKWARD_DONE))
+            run_counted_phase(results, phase, fn, counter, lambda tracker: tracker.track_external(raw_model, *optimizers))
     results["parameters"] = sum(p.numel() for p in raw_model.parameters())
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tracing train_gpt_record89.py on the fake GPU
+
+
+BOS_EVERY = 1000  # the record-89 shard: a document start (BOS) every this many tokens
+
+
+def write_document_shard(path: Path, num_tokens: int, bos: int):
+    """A shard in the trainer's format whose documents are BOS_EVERY tokens long (the record-89 loader cuts
+    documents at BOS); the other tokens are zeros (token values do not matter on FakeTensors)."""
+    from harness import SHARD_MAGIC, SHARD_VERSION
+
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, num_tokens)
+    tokens = np.zeros(num_tokens, dtype="<u2")
+    tokens[::BOS_EVERY] = bos
+    with open(path, "wb") as file:
+        file.write(header.tobytes())
+        file.write(tokens.tobytes())
+
+
+def host_read_ends(fn):
+    """Runs fn; a host read of a FakeTensor (validation_loss's final `.item()`) ends it, as in run_phase."""
+    try:
+        fn()
+    except DataDependentOutputException as exc:
+        if exc.func is not torch.ops.aten._local_scalar_dense.default:
+            raise
+
+
+def optimizer_tensors(optimizers, parameters) -> list[torch.Tensor]:
+    """Every tensor the recipe's own optimizers hold (moments, second moments, mantissa sidecars, ...), found by
+    walking their attributes; the parameters themselves are the model's. MemTracker knows only torch.optim."""
+    found, seen, skip = [], set(), {id(p) for p in parameters}
+
+    def walk(obj, depth):
+        if id(obj) in seen or depth > 6:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in skip and not isinstance(obj, torch.nn.Parameter):
+                found.append(obj)
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                walk(value, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+            for value in vars(obj).values():
+                walk(value, depth + 1)
+
+    for optimizer in optimizers:
+        walk(optimizer, 0)
+    return found
+
+
+def track_model_and_optimizers(model, optimizers):
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    def track(tracker):
+        tracker.track_external(model)
+        for tensor in optimizer_tensors(optimizers, list(model.parameters())):
+            tracker._update_and_maybe_create_winfos(tensor, _MemRefType.OPT)
+    return track
+
+
+def device_batches(R, loader, device, counter: HostSyncCounter):
+    """loader (a DocumentLoader on the CPU, real tensors) cuts each slot on the host, outside the fake mode; the
+    slot then goes to the device and is converted there exactly as DocumentLoader.next_batch does on CUDA. The
+    host-to-device copy is data loading, excluded from the sync count (as in record 21's trace)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    original = loader.next_batch
+
+    def next_batch(slot_tokens: int, max_doc_len: int):
+        with _disable_current_modes():
+            host = original(slot_tokens, max_doc_len)
+            buffer = torch.cat([host.inputs, host.targets[-1:].to(torch.int32)]).to(torch.uint16)
+        with counter.pause():
+            buffer = buffer.to(device, non_blocking=True)
+        inputs = buffer[:-1].to(torch.int32)
+        return R.Batch(inputs, buffer[1:].to(torch.int64), R.document_ids_of(inputs))
+
+    loader.next_batch = next_batch
+    return loader
+
+
+def trace_record89(R, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
+    """Record 89 (train_gpt_record89.py), in the order of its train():
+    - build_model, compile_model (--compile), build_optimizers, GradientCommunicator, StepInputs (with a prefix
+      table of -1: the real one needs tiktoken, which the check's venv lacks; values do not matter here),
+      DocumentLoader over a shard written here (a BOS every BOS_EVERY tokens);
+    - eval_first_window: validation_loss with step 0's windows; train_first_window: train_step at step 0;
+    - warm_up: what warm_up_kernels runs (one validation sequence per window pair validated while tied, every
+      step of warmup_steps, one per untied window pair), each validation ending at its host read; then the
+      warm-up's restore, by hand (load_state_dict's host reads of `tied` and `long_window_tokens` cannot run
+      on FakeTensors; values do not matter, the Python state does): tied again, no long window yet, Adam's
+      update count 0, gradients cleared;
+    - counted (MemTracker, sync counter; any graph compiled is a recompile): one step per stage in run order
+      (stage 0, stage 1, the untie step, untied stage 2, the extension), then the final validation."""
+    results = dict(phases={}, errors=[])
+    fake_mode = fake_cuda.FakeGPUMode(allow_non_fake_inputs=True, run_custom_ops=True)
+    do_train, do_eval = only in (None, "train"), only in (None, "eval")
+    last_step = s.num_iterations - 1
+    counted_steps = []  # (phase, step): the third step of each stage and the untie step, in run order
+    untied = False
+    for index, stage in enumerate(R.stages(s).scheduled):
+        step = min(stage.start + 2, stage.end - 1)
+        if not untied and step > s.split_step:
+            counted_steps.append((f"train_untie_step{s.split_step}", s.split_step))
+            untied = True
+        counted_steps.append((f"train_stage{index}{'_untied' if untied else ''}_step{step}", step))
+    if R.stages(s).extension.steps:
+        counted_steps.append((f"train_extension_step{last_step}", last_step))
+    steps_run = [0, *R.warmup_steps(s), *(step for _, step in counted_steps)]
+    train_tokens = sum(R.step_plan(step, s).batch_tokens * BOS_EVERY // min(R.step_plan(step, s).max_doc_len, BOS_EVERY)
+                       + s.slots_per_step * BOS_EVERY for step in steps_run)
+    shard = work_dir / "tokens.bin"
+    write_document_shard(shard, max(train_tokens * 5 // 4, s.val_tokens + 1), R.BOS)
+    val_tokens = R.load_val_tokens([shard], s) if do_eval else None
+    counter = HostSyncCounter("cuda")
+    cpu_runtime = dataclasses.replace(runtime, device=torch.device("cpu"))
+    loader = device_batches(R, R.DocumentLoader([shard], s, cpu_runtime), runtime.device, counter) if do_train else None
+    # StepInputs' prefix table comes from tiktoken (absent in the check's venv): a table of -1, the same shape
+    padded_vocab = R.padded_vocab_size(s.vocab_size)
+    R.build_prefix_table = lambda vocab_size, padded, cache_dir=None: torch.full((padded,), -1, dtype=torch.int64)
+    one_sequence = dataclasses.replace(s, val_tokens=s.val_seq_len)
+    windows_of = {tied: sorted({R.validation_windows_at(step, s) for step in R.validation_steps(s)
+                                if (step <= s.split_step) == tied}) for tied in (True, False)}
+    with fake_mode:
+        with module_conversion_by_replacement():
+            model = R.build_model(s, runtime)
+        if s.compile:
+            R.compile_model(model)
+        optimizers = R.build_optimizers(model, s, runtime)
+        communicator = R.GradientCommunicator(optimizers, s, runtime)
+        inputs = R.StepInputs(s, runtime.device)
+        assert inputs.prefix_table.shape == (padded_vocab,)
+        mark_calls(communicator, "start_last_micro_step", counter, LAST_MICRO_STEP)
+        mark_calls(communicator, "finish", counter, BACKWARD_DONE)
+
+        def train(step: int):
+            plan = R.step_plan(step, s)
+            CURRENT["tokens"] = plan.slot_tokens
+            R.train_step(model, optimizers, communicator, loader, plan, inputs, s, runtime)
+
+        def validate(windows, settings):
+            CURRENT["tokens"] = s.val_seq_len
+            host_read_ends(lambda: R.validation_loss(model, val_tokens, tuple(windows), settings, runtime))
+
+        def warm_up():
+            if do_eval:
+                for windows in windows_of[True]:
+                    validate(windows, one_sequence)
+            if do_train:
+                for step in R.warmup_steps(s):
+                    train(step)
+            elif model.embedding_is_head:  # --only=eval: untie as the split step would
+                model.untie()
+                R.untie_optimizer_state(optimizers)
+            if do_eval:
+                for windows in windows_of[False]:
+                    validate(windows, one_sequence)
+            # warm_up_kernels' restore, the Python state by hand (see the docstring)
+            with torch.no_grad():
+                model.tied.fill_(True)
+                model.long_window_tokens.fill_(0)
+            model.embedding_is_head, model.long_window = True, 0
+            for optimizer in optimizers:
+                if hasattr(optimizer, "updates"):
+                    optimizer.updates = 0
+            model.zero_grad(set_to_none=True)
+
+        if do_eval:
+            run_phase(results, "eval_first_window", lambda: validate(R.validation_windows_at(0, s), s))
+        if do_train:
+            run_phase(results, "train_first_window", lambda: train(0))
+        if not results["errors"]:
+            run_phase(results, "warm_up", warm_up)
+        track = track_model_and_optimizers(model, optimizers)
+        for phase, step in counted_steps if do_train else []:
+            if results["errors"]:
+                break
+            run_counted_phase(results, phase, (lambda step=step: train(step)), counter, track,
+                              counted=True, syncs_fatal=True, step=step, stage=R.step_plan(step, s).stage)
+        if do_eval and not results["errors"]:
+            if model.embedding_is_head:  # --only=eval: the final validation is untied
+                model.untie()
+                R.untie_optimizer_state(optimizers)
+            run_counted_phase(results, "eval_final", lambda: validate(R.final_windows(s), s), counter, track,
+                              counted=True, step=s.num_iterations)
+    results["parameters"] = sum(p.numel() for p in model.parameters())
+    slot_sizes = ", ".join(f"{slot_tokens:,}" for slot_tokens, _ in R.stage_slot_sizes(s))
+    results["step_shape"] = (f"rank 0 of {runtime.world_size}: {len(runtime.slots(s))} slot(s) (micro-steps) per "
+                             f"optimizer step of {slot_sizes} tokens in stages 0-{len(R.stages(s).scheduled) - 1} "
+                             f"(the extension keeps the last); evaluation sequences of {s.val_seq_len} tokens; "
+                             "StepInputs' prefix table replaced by -1 (tiktoken is not in the check's venv)")
     return results
 
 
@@ -255,11 +479,13 @@ def graph_details(s) -> list[dict]:
     for graph in GRAPHS:
         source = Path(graph["wrapper"]).read_text()
         plan = wrapper_memory.replay(source)
-        tokens = s.val_seq_len if graph["kind"] == "inference" else s.train_seq_len  # per call of the model
+        tokens = graph["tokens"]  # per call of the model, where the trace said (record 89: per stage)
+        if tokens is None:
+            tokens = s.val_seq_len if graph["kind"] == "inference" else getattr(s, "train_seq_len", None)
         details.append(dict(
             kind=graph["kind"], wrapper=graph["wrapper"], triton_kernels=report.count_triton_kernels(source),
             extern_calls=report.count_extern_calls(source), flops=graph["flops"],
-            flops_per_token=graph["flops"] / tokens, flops_not_counted=graph["uncounted"],
+            flops_per_token=graph["flops"] / tokens if tokens else None, tokens_per_call=tokens, flops_not_counted=graph["uncounted"],
             plan_peak_bytes=plan.peak_bytes, plan_live_at_return_bytes=plan.live_at_return_bytes,
             plan_symbolic_allocations=plan.symbolic_allocations))
     return details
@@ -282,7 +508,12 @@ def main(argv: list[str]) -> int:
     gpu = GPUS[args.gpu]
     fake_cuda.install(gpu)
     _record_graphs()
-    import train_gpt as T
+    recipe = REPO / args.recipe
+    if recipe.parent != REPO or recipe.suffix != ".py" or not recipe.is_file():
+        print(f"error: --recipe={args.recipe}: not a .py file in the repository root {REPO}", file=sys.stderr)
+        return 2
+    T = importlib.import_module(recipe.stem)
+    trace = trace_record89 if hasattr(T, "warmup_steps") else trace_record21
     try:
         s = T.parse_settings(trainer_args)
         if args.nproc < 1:
@@ -300,9 +531,12 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work_dir:
         traced = trace(T, s, runtime, gpu, args.only, Path(work_dir))
+    traced["recipe"] = recipe.name
     traced["trace_seconds"] = round(time.perf_counter() - started, 1)
     traced["graphs"] = graph_details(s)
     traced["triton_kernels"] = len(fake_cuda.TRITON_KERNELS)
+    if fake_cuda.UNPADDED_MATMULS:
+        traced["unpadded_matmuls"] = sorted(set(fake_cuda.UNPADDED_MATMULS))
     if not args.no_kernels and fake_cuda.TRITON_KERNELS:
         started = time.perf_counter()
         compiled = compile_all_kernels(gpu)
