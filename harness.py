@@ -307,9 +307,10 @@ def available_memory(runtime) -> int:
     return total // int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
 
 
-def check_memory(s, runtime, parts: dict[str, tuple[int, str]]):
+def check_memory(s, runtime, parts: dict[str, tuple[int, str]], program: str = "train_gpt.py"):
     """Stops when the recipe's lower bound of one rank's peak memory (parts: name -> (bytes, the setting that
-    sizes it), training and evaluation parts) exceeds what this rank may use."""
+    sizes it), training and evaluation parts) exceeds what this rank may use; program: the recipe's file name,
+    for the advice."""
     train_parts = [name for name in parts if "evaluation" not in name]
     eval_parts = ["weights and optimizer state"] + [name for name in parts if "evaluation" in name]
     needed = max(sum(parts[name][0] for name in names) for names in (train_parts, eval_parts))
@@ -321,7 +322,7 @@ def check_memory(s, runtime, parts: dict[str, tuple[int, str]]):
     advice = f"lower {setting_name}"
     if runtime.device.type == "cpu" and s.preset != "tiny":
         advice = ("these are GPU-sized settings: on CPU use the tiny preset, e.g. `python data/cached_fineweb10B.py 1 "
-                  "&& python train_gpt.py --preset=tiny`")
+                  f"&& python {program} --preset=tiny`")
     raise SettingsError(
         f"these settings need at least {needed / GIB:.1f} GiB per rank on {runtime.device.type} but "
         f"{available / GIB:.1f} GiB is available (largest part: {largest}, {size / GIB:.1f} GiB); {advice}")

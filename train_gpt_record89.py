@@ -2498,7 +2498,9 @@ def warm_up_kernels(model: "GPT", optimizers, communicator: GradientCommunicator
 
 
 def validation_steps(s: Settings) -> list[int]:
-    return sorted({*range(0, s.num_iterations, s.val_every or s.num_iterations), s.num_iterations})
+    """The steps validated before (the last: after) training: every val_every (none with 0), and the end."""
+    every = range(0, s.num_iterations, s.val_every) if s.val_every else ()
+    return sorted({*every, s.num_iterations})
 
 
 def validation_windows_at(step: int, s: Settings) -> tuple[int, int]:
@@ -2629,9 +2631,10 @@ def train(s: Settings, runtime: Runtime, signals: harness.StopSignals | None = N
         loader = DocumentLoader(train_files, s, runtime, data_state)
         run.start_training(lambda: training_state(model, optimizers, loader, runtime, run.cpu_group))
         tokens = sum(step_plan(step, s).batch_tokens for step in range(run.start_step))
+        validate_at = set(validation_steps(s))
         for step in range(run.start_step, s.num_iterations + 1):
             last_step = step == s.num_iterations
-            if last_step or (s.val_every and step % s.val_every == 0):
+            if step in validate_at:
                 windows = validation_windows_at(step, s)
                 run.validate(step, tokens, lambda: validation_loss(model, val_tokens, windows, s, runtime))
             if last_step:
@@ -2651,7 +2654,7 @@ def main(argv: list[str]) -> int:
             print(schedule_table(s))
             return None
         runtime = resolve_runtime(s, *harness.process_ranks())
-        harness.check_memory(s, runtime, estimate_memory(s, runtime))
+        harness.check_memory(s, runtime, estimate_memory(s, runtime), RECIPE_FILE.name)
         if s.check_only:
             train_files, _ = check_data(s)
             return None

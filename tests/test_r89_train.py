@@ -84,7 +84,7 @@ def test_the_record_shape_on_a_cpu_stops_with_one_line_before_building_anything(
     assert R.main(["--device=cpu"]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("error: these settings need at least")
-    assert "GPU-sized settings" in error and "--preset=tiny" in error
+    assert "GPU-sized settings" in error and "python train_gpt_record89.py --preset=tiny" in error
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_one_rank_with_accumulation_trains_as_two_ranks_in_float64(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_rank_with_accumulation_trains_as_two_ranks_with_fp8(tmp_path):
+def test_one_rank_with_accumulation_and_two_ranks_reach_the_same_val_losses_with_fp8(tmp_path):
     """The FP8 path (emulated) with its per-slot delayed scales, float32: the validation losses agree closely."""
     args = short_run_args(tmp_path, "one")
     run_ranks(REPO / "train_gpt_record89.py", args, 1)
