@@ -160,12 +160,14 @@ def script_command(script: Path, args: list[str], nproc: int = 1) -> list[str]:
     return (launcher if nproc > 1 else [sys.executable]) + [str(script), *args]
 
 
-def trainer_command(args: list[str], nproc: int = 1) -> list[str]:
-    return script_command(REPO / "train_gpt.py", args, nproc)
+def trainer_command(args: list[str], nproc: int = 1, recipe: Path = REPO / "train_gpt.py") -> list[str]:
+    """The command line of a recipe (default: the default recipe, train_gpt.py), under torchrun when nproc > 1."""
+    return script_command(recipe, args, nproc)
 
 
-def run_trainer(args: list[str], timeout: int = 600, **popen_kwargs) -> subprocess.CompletedProcess:
-    return run_process(trainer_command(args), timeout, cwd=REPO, **popen_kwargs)
+def run_trainer(args: list[str], timeout: int = 600, recipe: Path = REPO / "train_gpt.py",
+                **popen_kwargs) -> subprocess.CompletedProcess:
+    return run_process(trainer_command(args, recipe=recipe), timeout, cwd=REPO, **popen_kwargs)
 
 
 @pytest.fixture(scope="session")

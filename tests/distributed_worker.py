@@ -24,7 +24,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness as H  # noqa: E402
-import train_gpt as T  # noqa: E402
+from records.recipes import record21  # noqa: E402
+
+T = record21()  # the record-21 recipe kept under records/
 
 # Odd counts: some ranks idle in a group. Muon groups by element count: (32, 16) with (16, 32), and
 # (16, 48) with (3, 16, 16).

@@ -1,11 +1,11 @@
-"""Record-89 attention (train_gpt_record89.py section 4a) against references written independently here:
+"""Record-89 attention (train_gpt.py section 4a) against references written independently here:
 explicit loops and masks in fp64, the fact sheet's formulas (RECORDS_29_89.md 2.5 and 3) written directly."""
 import math
 
 import pytest
 import torch
 
-import train_gpt_record89 as R
+import train_gpt as R
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's epsilon when none is given (fact sheet 2.1)
 SEQ_LEN, BLOCK, SHORT_BLOCKS, LONG_BLOCKS = 96, 16, 1, 3

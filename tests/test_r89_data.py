@@ -1,4 +1,4 @@
-"""train_gpt_record89.py section 7 (data loading): training batches against a token-by-token reference,
+"""train_gpt.py section 7 (data loading): training batches against a token-by-token reference,
 world-size independence, resume, validation batches and the bad-data errors, on synthetic shards."""
 import dataclasses
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import train_gpt_record89 as R
+import train_gpt as R
 from conftest import write_shard
 
 BOS = 50256

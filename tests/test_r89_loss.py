@@ -1,4 +1,4 @@
-"""Section 5 of train_gpt_record89.py: the soft-capped multi-target training loss and its public gradient rule,
+"""Section 5 of train_gpt.py: the soft-capped multi-target training loss and its public gradient rule,
 the validation loss, the prefix table, the FP8 LM head and the FP8 MLP with per-slot delayed scaling. Every
 reference is written here independently: direct cross-entropy sums, explicit loops, fp64, and an emulation of
 the FP8 quantisation."""
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import train_gpt_record89 as R
+import train_gpt as R
 from conftest import tiktoken_cache
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2

@@ -1,4 +1,4 @@
-"""Section 4b of train_gpt_record89.py (the network) against direct formulas written here from the fact sheet
+"""Section 4b of train_gpt.py (the network) against direct formulas written here from the fact sheet
 (RECORDS_29_89.md 2.1-2.4, 2.6, 2.8): explicit loops, fp64, the gate columns and init values spelled out as
 numbers. The attention of a layer is a recording stand-in with the contract's interface (4a is tested on its
 own), so each layer's update is checked on its own; the whole forward with the real attention runs once
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import train_gpt_record89 as R
+import train_gpt as R
 
 HAS_ATTENTION = all(hasattr(R, name) for name in ("CausalSelfAttention", "Rotary", "attention_masks"))
 VOCAB = 200  # padded to 256: keeps the tiny model's tables small

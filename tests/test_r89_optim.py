@@ -1,5 +1,5 @@
 """Section 6 (NorMuon with Polar Express and mantissa sidecars, Adam with the per-parameter table) and the
-one-process side of section 8 (gradient communication) of train_gpt_record89.py, each against a reference
+one-process side of section 8 (gradient communication) of train_gpt.py, each against a reference
 written here (float64, explicit loops, direct formulas). A stand-in module has the contract's parameter
 names and shapes at the tiny preset's sizes (section 4b's GPT is written separately). The multi-rank
 checks are in test_r89_optim_distributed.py and reuse the stand-in and run_steps from here."""
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt_record89 as T  # noqa: E402
+import train_gpt as T  # noqa: E402
 
 CPU = torch.device("cpu")
 COEFFS = [(8.1566, -22.4833, 15.8788), (4.0429, -2.8089, 0.5000), (3.8917, -2.7725, 0.5061),

@@ -1,4 +1,4 @@
-"""Sections 6 and 8 of train_gpt_record89.py on several ranks (gloo, CPU): W ranks with one micro-step each
+"""Sections 6 and 8 of train_gpt.py on several ranks (gloo, CPU): W ranks with one micro-step each
 compute what 1 rank computes with W micro-steps (NorMuon units sharded and reduce-scattered, padded when
 W does not divide their number; Adam every other step; the untie), and a checkpoint written at W ranks
 continues identically at 1 rank. This file is also the worker: torchrun runs it with an output prefix."""

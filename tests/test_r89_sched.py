@@ -1,8 +1,8 @@
-"""Section 3 of train_gpt_record89.py, the schedules, against the fact sheet's formulas (RECORDS_29_89.md 2.5,
+"""Section 3 of train_gpt.py, the schedules, against the fact sheet's formulas (RECORDS_29_89.md 2.5,
 2.7, 2.8, 2.9) written out here independently, step by step."""
 import pytest
 
-import train_gpt_record89 as R
+import train_gpt as R
 from harness import SettingsError
 
 RECORD_STEPS = 1285

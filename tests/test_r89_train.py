@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import harness as H
-import train_gpt_record89 as R
+import train_gpt as R
 from conftest import REPO, run_process, script_command, shard_paths, tiktoken_cache
 
 FP64_WORKER = REPO / "tests" / "r89_fp64_worker.py"
@@ -84,7 +84,7 @@ def test_the_record_shape_on_a_cpu_stops_with_one_line_before_building_anything(
     assert R.main(["--device=cpu"]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("error: these settings need at least")
-    assert "GPU-sized settings" in error and "python train_gpt_record89.py --preset=tiny" in error
+    assert "GPU-sized settings" in error and "python train_gpt.py --preset=tiny" in error
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_one_rank_with_accumulation_trains_as_two_ranks_in_float64(tmp_path):
 def test_one_rank_with_accumulation_and_two_ranks_reach_the_same_val_losses_with_fp8(tmp_path):
     """The FP8 path (emulated) with its per-slot delayed scales, float32: the validation losses agree closely."""
     args = short_run_args(tmp_path, "one")
-    run_ranks(REPO / "train_gpt_record89.py", args, 1)
-    run_ranks(REPO / "train_gpt_record89.py", with_settings(args, "--run_id=two"), 2)
+    run_ranks(REPO / "train_gpt.py", args, 1)
+    run_ranks(REPO / "train_gpt.py", with_settings(args, "--run_id=two"), 2)
     one, two = val_losses((tmp_path / "one.txt").read_text()), val_losses((tmp_path / "two.txt").read_text())
     assert one.keys() == two.keys() and all(abs(one[step] - two[step]) < 2e-3 for step in one), (one, two)

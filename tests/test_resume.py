@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import harness as H
-import train_gpt as T
+from records.recipes import RECORD21, record21
 from conftest import REPO, process_group, run_process, script_command, trainer_command, with_settings
 from records import tool
+
+T = record21()  # these tests cover the record-21 recipe kept under records/
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 VOCAB, STEPS = 256, 6
@@ -263,7 +265,7 @@ def test_sigint_mid_run_checkpoints_and_exits_cleanly(data, tmp_path):
     valid checkpoint at the step the log ends with, and a log the records tool reads as incomplete."""
     args = run_args(data, tmp_path, "live", "--num_iterations=200", "--checkpoint_every=1000", "--val_every=0")
     log_path = tmp_path / "live.txt"
-    with process_group(trainer_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    with process_group(trainer_command(args, recipe=RECORD21), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}) as process:
         deadline = time.monotonic() + 600
         while not (log_path.exists() and "step:2/200 " in log_path.read_text()):

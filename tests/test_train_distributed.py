@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, process_group, run_process, script_command, shard_paths
+from records.recipes import RECORD21
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 
@@ -135,7 +136,7 @@ def test_a_node_that_dies_mid_run_stops_the_other_with_one_line(tmp_path):
     log = tmp_path / "died.txt"
 
     def launch(node_rank):
-        return process_group(node_command(REPO / "train_gpt.py", args, port, node_rank, tmp_path / f"node{node_rank}"),
+        return process_group(node_command(RECORD21, args, port, node_rank, tmp_path / f"node{node_rank}"),
                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     with launch(0) as survivor:

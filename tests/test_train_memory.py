@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import harness as H
-import train_gpt as T
+from records.recipes import record21
 from conftest import REPO, shard_paths, with_settings
 from test_train_distributed import launch
+
+T = record21()  # these tests cover the record-21 recipe kept under records/
 
 # The record's 12-block layout at a width small enough to build and run quickly: 256 tokens, 1024 logits.
 SHAPE = ["--model_dim=32", "--num_heads=2", "--head_dim=16", "--train_seq_len=256", "--val_seq_len=256",

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-import train_gpt as T
+from records.recipes import record21
+
+T = record21()  # these tests cover the record-21 recipe kept under records/
 
 # The record's 12-block layout at a width small enough to build and run quickly.
 SMALL_RECORD_SHAPE = ["--model_dim=32", "--num_heads=2", "--head_dim=16", "--train_seq_len=256",

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 import harness as H
-import train_gpt as T
+from records.recipes import RECORD21, record21
 from conftest import (REPO, first_file, process_group, run_process, run_trainer, shard_paths, trainer_command,
                       with_settings)
+
+T = record21()  # these tests cover the record-21 recipe kept under records/
 
 STEP_LINE = re.compile(r"step:(\d+)/(\d+) (?:val_loss:(\d+\.\d{4})|train_loss:(\d+\.\d{4})) train_time:(\d+)ms "
                        r"step_avg:(\d+\.\d{2})ms")
@@ -149,11 +151,11 @@ def test_impossible_world_size_names_the_valid_choices(data_dir, capsys, monkeyp
 
 @pytest.mark.slow
 def test_command_line_help_and_error_exit_codes(tmp_path):
-    result = run_trainer(["--help"])
+    result = run_trainer(["--help"], recipe=RECORD21)
     assert result.returncode == 0
     for name in ("--train_files=", "--num_iterations=1770", "--preset=", "tiny"):
         assert name in result.stdout
-    result = run_trainer(["--preset=tiny", "--train_files=" + str(tmp_path / "none_*.bin")])
+    result = run_trainer(["--preset=tiny", "--train_files=" + str(tmp_path / "none_*.bin")], recipe=RECORD21)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: no files match")
 
 
@@ -190,7 +192,7 @@ def test_two_rank_run_logs_once_and_validates_the_same_tokens(tmp_path):
         args = ["--preset=tiny", "--compile=false", "--num_iterations=2", "--val_every=2", "--warmup_steps=1",
                 "--val_tokens=6144", f"--train_files={train_files}", f"--val_files={val_files}",
                 f"--log_dir={tmp_path / str(nproc)}", f"--run_id=run{nproc}"]
-        result = run_process(trainer_command(args, nproc), cwd=REPO, timeout=600,
+        result = run_process(trainer_command(args, nproc, RECORD21), cwd=REPO, timeout=600,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
         written = sorted(p.name for p in (tmp_path / str(nproc)).iterdir())

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 import harness as H
-import train_gpt as T
+from records.recipes import record21
 from conftest import REPO, script_command
+
+T = record21()  # these tests cover the record-21 recipe kept under records/
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 

@@ -2,7 +2,7 @@
 """GPU check without a GPU: compile a recipe's CUDA path for a chosen GPU and report its graphs,
 Triton kernels, predicted peak memory and host syncs (see README.md, "GPU check").
 
-    python tools/gpu_check.py [--recipe=train_gpt.py|train_gpt_record89.py] [--gpu=h100] [--nproc=8] [--out=DIR]
+    python tools/gpu_check.py [--recipe=train_gpt.py|records/.../train_gpt.py] [--gpu=h100] [--nproc=8] [--out=DIR]
                               [--no-kernels] [--only=train|eval] [--name=value ...]
 
 Any python runs this launcher (standard library only). It creates once, and then reuses, a venv outside
@@ -149,7 +149,7 @@ def worker_environment(stubs: Path) -> dict:
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-        print("tool flags: --recipe=FILE (train_gpt.py or train_gpt_record89.py), --gpu=h100|h200|a100-80gb|a100-40gb|l40s|rtx4090, --nproc=N, --out=DIR, --no-kernels, "
+        print("tool flags: --recipe=FILE (train_gpt.py, or a record's under records/), --gpu=h100|h200|a100-80gb|a100-40gb|l40s|rtx4090, --nproc=N, --out=DIR, --no-kernels, "
               "--only=train|eval, --commit=SHA; every other --name=value is a setting of the recipe")
         return 0
     try:

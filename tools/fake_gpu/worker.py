@@ -4,7 +4,7 @@
                               [--name=value ...]
 
 It runs the recipe's own code on FakeTensors of a fake GPU, in the order of the training loop. For
-train_gpt.py (record 21; trace_record21):
+the record-21 recipe (records/track_1_short/2025-02-01_Record21/train_gpt.py; trace_record21):
   1. build_model, torch.compile, build_optimizers, GradientReducer, TrainLoader, as train() does;
   2. validation_loss at step 0 and train_step at step 0: dynamo, AOTAutograd and inductor generate the
      compiled graphs (forward, backward, evaluation) and every Triton kernel;
@@ -14,7 +14,7 @@ train_gpt.py (record 21; trace_record21):
      generated wrappers' allocations, Triton launches (skipped), cuBLAS and custom ops (fake
      kernels), the eager optimizers, the stubbed collectives.
   4. each Triton kernel is compiled offline for the GPU's architecture (unless --no-kernels).
-For train_gpt_record89.py (record 89; trace_record89): first windows as above, then the recipe's warm-up
+For train_gpt.py (the default, record 89; trace_record89): first windows as above, then the recipe's warm-up
 (every warm-up step, every validation window pair), then one counted training step per stage (tied stages 0
 and 1, the untie step, untied stage 2, the extension) and the final validation, each of which must compile
 nothing (see trace_record89).
@@ -24,7 +24,6 @@ Then it writes gpu_check.json and gpu_check.md to --out and prints the table; ex
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import os
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from .syncs import HostSyncCounter
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+from records.recipes import RECORD21, load_recipe  # noqa: E402
 
 GRAPHS: list[dict] = []  # one per compiled graph: kind, wrapper path, FLOPs, extern calls
 CURRENT = dict(tokens=None)  # tokens per call of the model in the call now running (graphs compiled there)
@@ -53,7 +53,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="train_gpt.py",
-                        help="the recipe file to check, in the repository root (train_gpt.py or train_gpt_record89.py)")
+                        help="the recipe file to check, relative to the repository (train_gpt.py or a record's under records/)")
     parser.add_argument("--gpu", default=DEFAULT_GPU, choices=sorted(GPUS), help="the GPU to fake")
     parser.add_argument("--nproc", type=int, default=1, help="ranks of the run (world size); rank 0 is traced")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json and gpu_check.md")
@@ -271,7 +271,7 @@ def trace_record21(T, s, runtime, gpu, only: str | None, work_dir: Path) -> dict
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tracing train_gpt_record89.py on the fake GPU
+# Tracing the record-89 recipe (train_gpt.py) on the fake GPU
 
 
 BOS_EVERY = 1000  # the record-89 shard: a document start (BOS) every this many tokens
@@ -358,7 +358,7 @@ def device_batches(R, loader, device, counter: HostSyncCounter):
 
 
 def trace_record89(R, s, runtime, gpu, only: str | None, work_dir: Path) -> dict:
-    """Record 89 (train_gpt_record89.py), in the order of its train():
+    """Record 89 (train_gpt.py), in the order of its train():
     - build_model, compile_model (--compile), build_optimizers, GradientCommunicator, StepInputs (with a prefix
       table of -1: the real one needs tiktoken, which the check's venv lacks; values do not matter here),
       DocumentLoader over a shard written here (a BOS every BOS_EVERY tokens);
@@ -508,11 +508,12 @@ def main(argv: list[str]) -> int:
     gpu = GPUS[args.gpu]
     fake_cuda.install(gpu)
     _record_graphs()
-    recipe = REPO / args.recipe
-    if recipe.parent != REPO or recipe.suffix != ".py" or not recipe.is_file():
-        print(f"error: --recipe={args.recipe}: not a .py file in the repository root {REPO}", file=sys.stderr)
+    recipe = (REPO / args.recipe).resolve()
+    if not recipe.is_relative_to(REPO) or recipe.suffix != ".py" or not recipe.is_file():
+        print(f"error: --recipe={args.recipe}: not a .py file in the repository {REPO} (train_gpt.py, or "
+              f"{RECORD21.relative_to(REPO)})", file=sys.stderr)
         return 2
-    T = importlib.import_module(recipe.stem)
+    T = load_recipe(recipe)
     trace = trace_record89 if hasattr(T, "warmup_steps") else trace_record21
     try:
         s = T.parse_settings(trainer_args)
@@ -531,7 +532,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work_dir:
         traced = trace(T, s, runtime, gpu, args.only, Path(work_dir))
-    traced["recipe"] = recipe.name
+    traced["recipe"] = str(recipe.relative_to(REPO))
     traced["trace_seconds"] = round(time.perf_counter() - started, 1)
     traced["graphs"] = graph_details(s)
     traced["triton_kernels"] = len(fake_cuda.TRITON_KERNELS)
