@@ -619,11 +619,16 @@ def check_val_not_in_train(s, is_main: bool):
         print(f"warning: {overlap}; the validation loss measures memorisation", file=sys.stderr, flush=True)
 
 
-def preflight(s, train_files: list[Path], usable_train_tokens: int, vocab_size: int):
+def preflight(s, train_files: list[Path], usable_train_tokens: int, vocab_size: int,
+              check_tokens: Callable[[Path, np.ndarray], None] | None = None):
     """--check_only=true, after the recipe's data checks: the token range of every training shard (a run
-    meets them only when it reaches them) and the log folder, in one process."""
+    meets them only when it reaches them), the recipe's own check_tokens(path, tokens) of each, and the log
+    folder, in one process."""
     for path in train_files:
-        check_token_range(read_shard_tokens(path), vocab_size, path)
+        tokens = read_shard_tokens(path)
+        check_token_range(tokens, vocab_size, path)
+        if check_tokens is not None:
+            check_tokens(path, tokens)
     check_log_dir(s)
     print(f"checked: settings, memory, {len(train_files)} training file(s) ({usable_train_tokens} usable tokens), "
           f"validation data and --log_dir={s.log_dir}", flush=True)

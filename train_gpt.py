@@ -333,7 +333,7 @@ def check_windows(name: str, text: str, windows: tuple[int, int], room_blocks: i
                             f"({long})")
     if long > room_blocks:
         raise SettingsError(f"--{name}={text}: the long window of {long} blocks is longer than {room} "
-                            f"({room_blocks} blocks)")
+                            f"({room_blocks} blocks): shorten the window or make the sequences longer")
 
 
 @functools.lru_cache(maxsize=8)
@@ -1651,6 +1651,10 @@ def mlp_forward(x: Tensor, fc: Tensor, proj: Tensor, fp8_state: MLPFP8Slot | Non
 # 6. Optimizers
 
 
+# torch 2.13 renamed the flat collectives (the old names warn); torch 2.11, on the GPU machines, has only the old
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
 # NorMuon (fact sheet 2.8) orthogonalises these units: Q and K in groups of two adjacent heads (2j, 2j+1),
 # V and O whole (rows of a layer's qkvo (4, d, d) viewed as (4d, d)); the MLP's fc and proj whole.
 POLAR_EXPRESS_COEFFS = ((8.1566, -22.4833, 15.8788), (4.0429, -2.8089, 0.5000), (3.8917, -2.7725, 0.5061),
@@ -1867,7 +1871,7 @@ class NorMuon:
                 self.write_weights(weights, group.owned_units)
                 continue
             gathered = weights.new_empty(group.padded * weights[0].numel())  # flat: gloo wants 1-D
-            handle = dist.all_gather_into_tensor(gathered, weights.flatten(), async_op=True)
+            handle = all_gather_single(gathered, weights.flatten(), async_op=True)
             pending.append((handle, gathered.view(group.padded, group.rows, group.cols), group))
         for handle, gathered, group in pending:
             handle.wait()
@@ -2037,6 +2041,17 @@ def stage_slot_sizes(s: Settings) -> list[tuple[int, int]]:
     return [(stage.batch_tokens // s.slots_per_step, stage.max_doc_len) for stage in stages(s).scheduled]
 
 
+def no_document_start(path: Path, num_tokens: int) -> DataError:
+    return DataError(f"{path}: no BOS token ({BOS}) in its {num_tokens:,} tokens, so no document start; make the "
+                     "shard with data/fineweb.py (which writes BOS before every document)")
+
+
+def check_documents(path: Path, tokens: np.ndarray):
+    """--check_only: what the loader checks of a training shard when it reaches it, up front."""
+    if not (tokens == BOS).any():
+        raise no_document_start(path, tokens.size)
+
+
 class IndexedShard:
     """A training shard's tokens and its documents: each starts at a BOS and runs to the next BOS (the last
     to the shard's end). Tokens before the first BOS belong to no document and are never used."""
@@ -2045,8 +2060,7 @@ class IndexedShard:
         self.path, self.tokens = path, tokens  # (N,) uint16, pinned on CUDA
         self.doc_starts = np.flatnonzero(tokens.numpy() == BOS)  # (D,) int64
         if self.doc_starts.size == 0:
-            raise DataError(f"{path}: no BOS token ({BOS}) in its {tokens.numel():,} tokens, so no document start; "
-                            "make the shard with data/fineweb.py (which writes BOS before every document)")
+            raise no_document_start(path, tokens.numel())
         self.doc_lengths = np.diff(self.doc_starts, append=tokens.numel())  # (D,)
         self.filled_by_cap: dict[int, np.ndarray] = {}
 
@@ -2321,7 +2335,7 @@ class GradientCommunicator:
             group = self.sharded[index][1]
             stack = group.stack_gradients(self.divisor)  # (padded, rows, cols)
             owned = stack.new_empty(group.per_rank, group.rows, group.cols)
-            handle = dist.reduce_scatter_tensor(owned.view(-1), stack.view(-1), async_op=True)
+            handle = reduce_scatter_single(owned.view(-1), stack.view(-1), async_op=True)
             self.pending.append((handle, owned, index))
             return
         params = [p for p in self.members[index] if p.grad is not None]
@@ -2658,6 +2672,8 @@ def main(argv: list[str]) -> int:
         harness.check_memory(s, runtime, estimate_memory(s, runtime), RECIPE_FILE.name)
         if s.check_only:
             train_files, _ = check_data(s)
+            shard_tokens = sum(harness.read_shard_header(path) for path in train_files)
+            harness.preflight(s, train_files, shard_tokens, s.vocab_size, check_documents)
             return None
         with harness.process_group(runtime):
             harness.check_log_dir_on_rank0(s, runtime)

@@ -1254,7 +1254,8 @@ def main(argv: list[str]) -> int:
     def command(signals: harness.StopSignals) -> str | None:
         s = parse_settings(argv)
         runtime = resolve_runtime(s, *harness.process_ranks())
-        harness.check_memory(s, runtime, estimate_memory(s, runtime))
+        repository = Path(__file__).resolve().parents[3]
+        harness.check_memory(s, runtime, estimate_memory(s, runtime), str(Path(__file__).resolve().relative_to(repository)))
         if s.check_only:
             train_files, usable_train_tokens, _ = check_data(s)
             harness.preflight(s, train_files, usable_train_tokens, s.vocab_size)
