@@ -4,13 +4,16 @@ Test data (README "Test data"): the lookup lives in data/testdata.py, which benc
 missing folder skips the test with the lookup's reason, which says how to provide the data.
 """
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -19,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from data import testdata  # noqa: E402
 from data.testdata import TEST_DATA_ENV, data_root, first_file  # noqa: E402,F401  (the tests import them from here)
+import train_gpt  # noqa: E402
+from records.recipes import RECORD21, record21  # noqa: E402
 
 
 def skip_if_missing(lookup):
@@ -56,6 +61,90 @@ def data_dir(tmp_path):
     write_shard(tmp_path / "ok_train_000001.bin", generator.integers(0, SMALL_VOCAB, 12000))
     write_shard(tmp_path / "ok_val_000000.bin", generator.integers(0, SMALL_VOCAB, 5000))
     return tmp_path
+
+# ----------------------------------------------------------------------------------------------------
+# The recipes under test: the default (train_gpt.py, record 89) and record 21 kept under records/, both on the
+# same harness. Tests of what the harness guarantees (one-line errors, locks, atomic writes) take the
+# `recipe` fixture and run for both; tests of one recipe's mathematics import it directly.
+
+BOS = 50256  # GPT-2's <|endoftext|>, where record 89's documents start
+DOCUMENT_TOKENS = 100  # record 89 reads documents: its test shards start one at every 100th token
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    module: ModuleType
+    script: Path
+    fast_settings: tuple[str, ...]  # the tiny preset shrunk to ~0.1 s a step, eager, one validation at the end
+    vocab_size: int  # of the test shards: record 89's documents start at BOS (50256), so it keeps GPT-2's
+    out_of_range: tuple[str, ...]
+    non_finite: tuple[str, ...]
+    help_shows: tuple[str, ...]  # default values and ranges --help must print
+    length_settings: Callable[[int], list[str]]  # a run of this many optimizer steps (at least 3: record 89's stages)
+    two_rank_settings: tuple[str, ...]  # what lets 2 ranks split a step
+
+    def tokens(self, generator: np.random.Generator, count: int) -> np.ndarray:
+        """Random tokens below SMALL_VOCAB; for record 89 a document starts (BOS) every DOCUMENT_TOKENS."""
+        tokens = generator.integers(0, SMALL_VOCAB, count)
+        if self.vocab_size > BOS:
+            tokens[::DOCUMENT_TOKENS] = BOS
+        return tokens
+
+    def write_data(self, folder: Path, generator: np.random.Generator | None = None) -> Path:
+        """The training and validation shards fast_args reads, in folder; returns folder."""
+        generator = generator or np.random.default_rng(0)
+        write_shard(folder / "ok_train_000001.bin", self.tokens(generator, 12000))
+        write_shard(folder / "ok_val_000000.bin", self.tokens(generator, 5000))
+        return folder
+
+    def fast_args(self, data_dir: Path, train="ok_train_*.bin", val="ok_val_*.bin") -> list[str]:
+        return [*self.fast_settings, f"--vocab_size={self.vocab_size}", "--run_id=run",
+                f"--train_files={data_dir / train}", f"--val_files={data_dir / val}", f"--log_dir={data_dir / 'logs'}"]
+
+
+RECIPES = {
+    "record89": Recipe(
+        train_gpt, REPO / "train_gpt.py",
+        ("--preset=tiny", "--compile=false", "--warmup=false", "--val_tokens=2048", "--val_every=0"),
+        50257,
+        ("--adam_lr=-1", "--adam_wd=-1", "--adam_eps=0", "--muon_beta2=1", "--muon_momentum=2",
+         "--muon_momentum_start=-0.1", "--muon_lr=-0.05", "--muon_wd=-1", "--cooldown_frac=1.5", "--lr_floor=2",
+         "--vocab_size=70000", "--seed=-1", "--val_every=-1", "--bigram_buckets=1"),
+        ("--muon_lr=nan", "--adam_lr=inf", "--muon_wd=-inf", "--adam_eps=nan", "--muon_momentum=NaN",
+         "--lr_floor=inf"),
+        ("--adam_lr=0.008", "--fp8=true", "valid: [0, 1)"),
+        lambda steps: [f"--stage_ends={steps - 2},{steps - 1},{steps}", "--extension_steps=0",
+                       f"--split_step={steps - 1 if steps % 2 == 0 else steps - 2}",
+                       f"--muon_momentum_warmup_steps={steps // 3}", f"--muon_momentum_cooldown_steps={steps // 4}"],
+        (),
+    ),
+    "record21": Recipe(
+        record21(), RECORD21,
+        ("--preset=tiny", "--compile=false", "--warmup_steps=0", "--train_batch_tokens=512", "--val_tokens=2048",
+         "--val_every=0"),
+        SMALL_VOCAB,
+        ("--adam_beta1=5", "--adam_beta2=1", "--adam_eps=-1", "--adam_eps=0", "--muon_momentum=2",
+         "--muon_momentum_start=-0.1", "--muon_lr=-0.05", "--head_lr=-1", "--embed_lr=-1", "--scalar_lr=-1",
+         "--cooldown_frac=1.5", "--vocab_size=70000", "--logit_cap=0", "--seed=-1", "--val_every=-1"),
+        ("--muon_lr=nan", "--embed_lr=inf", "--head_lr=-inf", "--adam_beta1=nan", "--adam_eps=nan",
+         "--muon_momentum=NaN", "--attn_scale=inf"),
+        ("--adam_beta1=0.8", "--fp8_head=true", "valid: [0, 1)"),
+        lambda steps: [f"--num_iterations={steps}"],
+        ("--train_batch_tokens=1024",),  # 2 sequences a step
+    ),
+}
+
+
+@pytest.fixture(params=RECIPES)
+def recipe(request) -> Recipe:
+    return RECIPES[request.param]
+
+
+@pytest.fixture
+def recipe_data(recipe, data_dir) -> Path:
+    """data_dir with shards the recipe reads (record 89: documents, GPT-2's vocabulary)."""
+    return recipe.write_data(data_dir)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Processes. Every child starts in its own session (its own process group, which also keeps the

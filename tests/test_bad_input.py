@@ -14,9 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -24,89 +22,11 @@ import torch
 
 import harness as H
 import train_gpt
-from conftest import (REPO, SMALL_VOCAB, descendants, live_processes, process_group, run_process, trainer_command,
-                      with_settings, write_shard)
-from records.recipes import RECORD21, record21
+from conftest import (RECIPES, REPO, SMALL_VOCAB, Recipe, descendants, live_processes, process_group, run_process,
+                      trainer_command, with_settings, write_shard)
 
 sys.path.insert(0, str(REPO / "data"))
 import shards  # noqa: E402
-
-DOCUMENT_TOKENS = 100  # record 89 reads documents: its test shards start one at every 100th token
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    module: ModuleType
-    script: Path
-    fast_settings: tuple[str, ...]  # the tiny preset shrunk to ~0.1 s a step, eager, one validation at the end
-    vocab_size: int  # of the test shards: record 89's documents start at BOS (50256), so it keeps GPT-2's
-    out_of_range: tuple[str, ...]
-    non_finite: tuple[str, ...]
-    help_shows: tuple[str, ...]  # default values and ranges --help must print
-    length_settings: Callable[[int], list[str]]  # a run of this many optimizer steps
-    two_rank_settings: tuple[str, ...]  # what lets 2 ranks split a step
-
-    def tokens(self, generator: np.random.Generator, count: int) -> np.ndarray:
-        """Random tokens below SMALL_VOCAB; for record 89 a document starts (BOS) every DOCUMENT_TOKENS."""
-        tokens = generator.integers(0, SMALL_VOCAB, count)
-        if self.vocab_size > train_gpt.BOS:
-            tokens[::DOCUMENT_TOKENS] = train_gpt.BOS
-        return tokens
-
-    def write_data(self, folder: Path, generator: np.random.Generator | None = None) -> Path:
-        """The training and validation shards fast_args reads, in folder; returns folder."""
-        generator = generator or np.random.default_rng(0)
-        write_shard(folder / "ok_train_000001.bin", self.tokens(generator, 12000))
-        write_shard(folder / "ok_val_000000.bin", self.tokens(generator, 5000))
-        return folder
-
-    def fast_args(self, data_dir: Path, train="ok_train_*.bin", val="ok_val_*.bin") -> list[str]:
-        return [*self.fast_settings, f"--vocab_size={self.vocab_size}", "--run_id=run",
-                f"--train_files={data_dir / train}", f"--val_files={data_dir / val}", f"--log_dir={data_dir / 'logs'}"]
-
-
-RECIPES = {
-    "record89": Recipe(
-        train_gpt, REPO / "train_gpt.py",
-        ("--preset=tiny", "--compile=false", "--warmup=false", "--val_tokens=2048", "--val_every=0"),
-        50257,
-        ("--adam_lr=-1", "--adam_wd=-1", "--adam_eps=0", "--muon_beta2=1", "--muon_momentum=2",
-         "--muon_momentum_start=-0.1", "--muon_lr=-0.05", "--muon_wd=-1", "--cooldown_frac=1.5", "--lr_floor=2",
-         "--vocab_size=70000", "--seed=-1", "--val_every=-1", "--bigram_buckets=1"),
-        ("--muon_lr=nan", "--adam_lr=inf", "--muon_wd=-inf", "--adam_eps=nan", "--muon_momentum=NaN",
-         "--lr_floor=inf"),
-        ("--adam_lr=0.008", "--fp8=true", "valid: [0, 1)"),
-        lambda steps: [f"--stage_ends={steps - 2},{steps - 1},{steps}", "--extension_steps=0",
-                       f"--split_step={steps - 1 if steps % 2 == 0 else steps - 2}"],
-        (),
-    ),
-    "record21": Recipe(
-        record21(), RECORD21,
-        ("--preset=tiny", "--compile=false", "--warmup_steps=0", "--train_batch_tokens=512", "--val_tokens=2048",
-         "--val_every=0"),
-        SMALL_VOCAB,
-        ("--adam_beta1=5", "--adam_beta2=1", "--adam_eps=-1", "--adam_eps=0", "--muon_momentum=2",
-         "--muon_momentum_start=-0.1", "--muon_lr=-0.05", "--head_lr=-1", "--embed_lr=-1", "--scalar_lr=-1",
-         "--cooldown_frac=1.5", "--vocab_size=70000", "--logit_cap=0", "--seed=-1", "--val_every=-1"),
-        ("--muon_lr=nan", "--embed_lr=inf", "--head_lr=-inf", "--adam_beta1=nan", "--adam_eps=nan",
-         "--muon_momentum=NaN", "--attn_scale=inf"),
-        ("--adam_beta1=0.8", "--fp8_head=true", "valid: [0, 1)"),
-        lambda steps: [f"--num_iterations={steps}"],
-        ("--train_batch_tokens=1024",),  # 2 sequences a step
-    ),
-}
-
-
-@pytest.fixture(params=RECIPES)
-def recipe(request) -> Recipe:
-    return RECIPES[request.param]
-
-
-@pytest.fixture
-def recipe_data(recipe, data_dir) -> Path:
-    """data_dir with shards the recipe reads (record 89: documents, GPT-2's vocabulary)."""
-    return recipe.write_data(data_dir)
-
 
 def run_main(capsys, recipe: Recipe, args: list[str]) -> tuple[int, str]:
     code = recipe.module.main(args)

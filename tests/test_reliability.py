@@ -14,24 +14,21 @@ import numpy as np
 import pytest
 
 import harness as H
-import train_gpt as T
-from conftest import REPO, SMALL_VOCAB, process_group, trainer_command, with_settings
+from conftest import RECIPES, REPO, Recipe, process_group, trainer_command, with_settings
 from records import tool
 
 
-
-def run_args(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
-    """The tiny preset shrunk to ~0.1 s a step, 6 steps, a checkpoint every 2 steps; extra replaces these
-    (a setting may be given once)."""
-    return with_settings(["--preset=tiny", "--compile=false", "--warmup_steps=0", f"--vocab_size={SMALL_VOCAB}",
-                          "--train_batch_tokens=512", "--val_tokens=2048", "--val_every=0", "--num_iterations=6",
-                          "--checkpoint_every=2", "--run_id=run", f"--train_files={data_dir / 'ok_train_*.bin'}",
-                          f"--val_files={data_dir / 'ok_val_*.bin'}", f"--log_dir={log_dir}"], *extra)
+def run_args(recipe: Recipe, data_dir: Path, log_dir: Path, *extra: str, steps: int = 6) -> list[str]:
+    """The recipe's fast settings (~0.1 s a step) on its test shards in data_dir, steps optimizer steps, a
+    checkpoint every 2 steps; extra replaces these (a setting may be given once)."""
+    recipe.write_data(data_dir)
+    args = recipe.fast_args(data_dir) + recipe.length_settings(steps) + ["--checkpoint_every=2"]
+    return with_settings(with_settings(args, f"--log_dir={log_dir}"), *extra)
 
 
-def run_main(capsys, args: list[str]) -> tuple[int, str, str]:
+def run_main(capsys, recipe: Recipe, args: list[str]) -> tuple[int, str, str]:
     capsys.readouterr()
-    code = T.main(args)
+    code = recipe.module.main(args)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -82,14 +79,14 @@ def page_rounded(size: int) -> int:
 
 
 def test_a_checkpoint_that_does_not_fit_stops_with_one_line_and_keeps_the_last_good_one(
-        data_dir, small_filesystem, capsys):
+        recipe, data_dir, small_filesystem, capsys):
     sizes_run = data_dir / "sizes"
-    assert run_main(capsys, run_args(data_dir, sizes_run, "--num_iterations=2"))[0] == 0
+    assert run_main(capsys, recipe, run_args(recipe, data_dir, sizes_run, steps=3))[0] == 0
     checkpoint_size = (sizes_run / "run" / "step_000002.pt").stat().st_size
     files_size = sum(page_rounded(path.stat().st_size) for path in sizes_run.glob("run.*"))
     # room for the log, the metrics, the first checkpoint and half of the second
     log_dir = small_filesystem(files_size + page_rounded(checkpoint_size) + checkpoint_size // 2 + 8 * 4096)
-    code, _, err = run_main(capsys, run_args(data_dir, log_dir, "--checkpoint_keep=1"))
+    code, _, err = run_main(capsys, recipe, run_args(recipe, data_dir, log_dir, "--checkpoint_keep=1"))
     first = log_dir / "run" / "step_000002.pt"
     assert_one_line(code, err, 2, f"the disk of {log_dir / 'run'} is full", "writing step_000004.pt needs",
                     "are free", f"the last good checkpoint {first} is kept", "--resume=auto")
@@ -99,9 +96,9 @@ def test_a_checkpoint_that_does_not_fit_stops_with_one_line_and_keeps_the_last_g
     assert last_log_line(log_dir) == f"stopped: {err.removeprefix('error: ').rstrip()}"
 
 
-def test_a_log_header_that_does_not_fit_stops_with_one_line(data_dir, small_filesystem, capsys):
+def test_a_log_header_that_does_not_fit_stops_with_one_line(recipe, data_dir, small_filesystem, capsys):
     log_dir = small_filesystem(96 * 1024)  # passes the 64 KiB start-up check; the header is larger
-    code, _, err = run_main(capsys, run_args(data_dir, log_dir))
+    code, _, err = run_main(capsys, recipe, run_args(recipe, data_dir, log_dir))
     assert_one_line(code, err, 2, f"the disk of {log_dir} is full", "writing run.txt needs",
                     "no checkpoint was saved before", "the log lacks this line")
     assert leftovers(log_dir) == [] and not (log_dir / "run.txt").exists()
@@ -142,10 +139,11 @@ def full_disk_for(monkeypatch, suffix: str, room_after_open: int):
 
 
 @pytest.mark.parametrize("suffix, room", [("run.txt", 300), ("run.metrics.jsonl", 250), ("run.txt", 0)])
-def test_a_log_or_metrics_line_that_does_not_fit_stops_with_one_line(data_dir, capsys, monkeypatch, suffix, room):
+def test_a_log_or_metrics_line_that_does_not_fit_stops_with_one_line(recipe, data_dir, capsys, monkeypatch, suffix,
+                                                                    room):
     full_disk_for(monkeypatch, suffix, room)
     log_dir = data_dir / "logs"
-    code, _, err = run_main(capsys, run_args(data_dir, log_dir))
+    code, _, err = run_main(capsys, recipe, run_args(recipe, data_dir, log_dir))
     assert_one_line(code, err, 2, f"writing {suffix} needs", "--resume=auto")
     assert leftovers(log_dir) == []
     text = (log_dir / "run.txt").read_text()
@@ -158,10 +156,10 @@ def test_a_log_or_metrics_line_that_does_not_fit_stops_with_one_line(data_dir, c
             json.loads(line)
 
 
-def test_a_safetensors_export_that_does_not_fit_stops_with_one_line(data_dir, capsys, monkeypatch):
+def test_a_safetensors_export_that_does_not_fit_stops_with_one_line(recipe, data_dir, capsys, monkeypatch):
     full_disk_for(monkeypatch, "final.safetensors.tmp", 1000)
     log_dir = data_dir / "logs"
-    code, _, err = run_main(capsys, run_args(data_dir, log_dir, "--save_safetensors=true"))
+    code, _, err = run_main(capsys, recipe, run_args(recipe, data_dir, log_dir, "--save_safetensors=true"))
     final = log_dir / "run" / "step_000006.pt"
     assert_one_line(code, err, 2, "writing final.safetensors needs", f"the last good checkpoint {final} is kept")
     assert H.read_checkpoint(final)["finished"]
@@ -191,20 +189,22 @@ def test_write_file_atomically_removes_its_temporary_file_on_any_failure(tmp_pat
 # One writer per run folder
 
 
-def test_a_second_run_on_the_same_run_folder_refuses_and_the_first_finishes(data_dir, capsys, monkeypatch):
+def test_a_second_run_on_the_same_run_folder_refuses_and_the_first_finishes(recipe, data_dir, capsys, monkeypatch):
     """The second run starts while the first one trains (from inside its second step, in this process: a
     flock held through another open file refuses this process too)."""
     log_dir, second = data_dir / "logs", {}
-    original_step = T.train_step
+    original_step, steps = recipe.module.train_step, 0
 
-    def step_then_start_another_run(model, optimizers, reducer, batches, step, *rest):
-        if step == 1:
-            second["code"] = T.main(run_args(data_dir, log_dir))
+    def step_then_start_another_run(*args):
+        nonlocal steps
+        steps += 1
+        if steps == 2:
+            second["code"] = recipe.module.main(run_args(recipe, data_dir, log_dir))
             second["err"] = capsys.readouterr().err
-        return original_step(model, optimizers, reducer, batches, step, *rest)
+        return original_step(*args)
 
-    monkeypatch.setattr(T, "train_step", step_then_start_another_run)
-    code, _, err = run_main(capsys, run_args(data_dir, log_dir))
+    monkeypatch.setattr(recipe.module, "train_step", step_then_start_another_run)
+    code, _, err = run_main(capsys, recipe, run_args(recipe, data_dir, log_dir))
     assert code == 0, err
     assert_one_line(second["code"], second["err"], 2, f"--log_dir={log_dir} --run_id=run",
                     f"the run folder is in use by process {os.getpid()}", "choose another --run_id")
@@ -215,16 +215,16 @@ def test_a_second_run_on_the_same_run_folder_refuses_and_the_first_finishes(data
 
 
 @pytest.mark.slow  # a real trainer process
-def test_a_run_started_beside_a_running_trainer_process_refuses(data_dir, capsys):
+def test_a_run_started_beside_a_running_trainer_process_refuses(recipe, data_dir, capsys):
     log_dir = data_dir / "logs"
-    args = run_args(data_dir, log_dir, "--num_iterations=300", "--checkpoint_every=100")
+    args = run_args(recipe, data_dir, log_dir, "--checkpoint_every=100", steps=300)
     with process_group(trainer_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}) as first:
         deadline = time.monotonic() + 600
         while not ((log_dir / "run.txt").exists() and "step:2/300 " in (log_dir / "run.txt").read_text()):
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.1)
-        code, _, err = run_main(capsys, args)
+        code, _, err = run_main(capsys, recipe, args)
         assert first.poll() is None, "the first run must still be running when the second one starts"
         _, first_err = first.communicate(timeout=600)
     assert_one_line(code, err, 2, f"the run folder is in use by process {first.pid}")
@@ -235,30 +235,30 @@ def test_a_run_started_beside_a_running_trainer_process_refuses(data_dir, capsys
     assert H.read_checkpoint(log_dir / "run" / "step_000300.pt")["finished"]
 
 
-def test_a_run_without_run_id_locks_its_random_one(data_dir, capsys, monkeypatch):
+def test_a_run_without_run_id_locks_its_random_one(recipe, data_dir, capsys, monkeypatch):
     log_dir, locks = data_dir / "logs", []
-    original_step = T.train_step
+    original_step = recipe.module.train_step
 
     def step_and_look(*args):
         locks.extend(path.name for path in log_dir.glob("*.lock"))
         return original_step(*args)
 
-    monkeypatch.setattr(T, "train_step", step_and_look)
-    assert run_main(capsys, run_args(data_dir, log_dir, "--run_id=", "--num_iterations=1"))[0] == 0
+    monkeypatch.setattr(recipe.module, "train_step", step_and_look)
+    assert run_main(capsys, recipe, run_args(recipe, data_dir, log_dir, "--run_id=", steps=3))[0] == 0
     run_id = [path.stem for path in log_dir.glob("*.txt")]
-    assert locks == [f"{run_id[0]}.lock"] and list(log_dir.glob("*.lock")) == []
+    assert set(locks) == {f"{run_id[0]}.lock"} and list(log_dir.glob("*.lock")) == []
 
 
-def test_check_only_takes_no_lock_and_leaves_no_file(data_dir, capsys):
+def test_check_only_takes_no_lock_and_leaves_no_file(recipe, data_dir, capsys):
     log_dir = data_dir / "logs"
-    code, out, err = run_main(capsys, run_args(data_dir, log_dir, "--check_only=true"))
+    code, out, err = run_main(capsys, recipe, run_args(recipe, data_dir, log_dir, "--check_only=true"))
     assert code == 0 and "checked:" in out, err
     assert not log_dir.exists()
 
 
-def test_a_killed_runs_lock_and_half_written_files_do_not_block_resume(data_dir, capsys):
+def test_a_killed_runs_lock_and_half_written_files_do_not_block_resume(recipe, data_dir, capsys):
     log_dir = data_dir / "logs"
-    assert run_main(capsys, run_args(data_dir, log_dir, "--num_iterations=4", "--checkpoint_keep=3"))[0] == 0
+    assert run_main(capsys, recipe, run_args(recipe, data_dir, log_dir, "--checkpoint_keep=3", steps=4))[0] == 0
     final = log_dir / "run" / "step_000004.pt"
     final.unlink()  # as if the run had been killed after step 3: its last complete checkpoint is step 2
     holder = [sys.executable, "-c", "import sys, time, harness; from pathlib import Path; "
@@ -274,8 +274,8 @@ def test_a_killed_runs_lock_and_half_written_files_do_not_block_resume(data_dir,
     for path in [*orphans, live_probe]:
         path.write_bytes(b"half")
     assert (log_dir / "run.lock").exists(), "SIGKILL leaves the lock file; the OS has dropped the lock"
-    code, out, err = run_main(capsys, run_args(data_dir, log_dir, "--num_iterations=4", "--checkpoint_keep=3",
-                                               "--resume=auto"))
+    code, out, err = run_main(capsys, recipe, run_args(recipe, data_dir, log_dir, "--checkpoint_keep=3",
+                                                       "--resume=auto", steps=4))
     assert code == 0, err
     assert f"--resume=auto: continuing from {log_dir / 'run' / 'step_000002.pt'} (step 2)" in out
     assert "removed 3 half-written file(s) left by a run that was killed: " in out
@@ -290,9 +290,10 @@ def test_a_killed_runs_lock_and_half_written_files_do_not_block_resume(data_dir,
 
 
 @pytest.mark.slow  # seven resumed runs
-def test_resume_takes_the_newest_complete_checkpoint_after_a_write_cut_at_any_byte(data_dir, capsys, monkeypatch):
+def test_resume_takes_the_newest_complete_checkpoint_after_a_write_cut_at_any_byte(recipe, data_dir, capsys,
+                                                                                   monkeypatch):
     log_dir = data_dir / "logs"
-    assert run_main(capsys, run_args(data_dir, log_dir, "--num_iterations=4", "--checkpoint_keep=3"))[0] == 0
+    assert run_main(capsys, recipe, run_args(recipe, data_dir, log_dir, "--checkpoint_keep=3", steps=4))[0] == 0
     folder = log_dir / "run"
     complete = (folder / "step_000004.pt").read_bytes()
     (folder / "step_000004.pt").unlink()
@@ -308,8 +309,8 @@ def test_resume_takes_the_newest_complete_checkpoint_after_a_write_cut_at_any_by
         monkeypatch.undo()
         # ... and a kill at this byte leaves one, which the next start removes
         (folder / "step_000004.pt.tmp").write_bytes(complete[:offset])
-        code, out, err = run_main(capsys, run_args(data_dir, log_dir, "--num_iterations=4", "--checkpoint_keep=3",
-                                                   "--resume=auto", "--checkpoint_every=1000"))
+        code, out, err = run_main(capsys, recipe, run_args(recipe, data_dir, log_dir, "--checkpoint_keep=3",
+                                                           "--resume=auto", "--checkpoint_every=1000", steps=4))
         assert code == 0, err
         assert f"--resume=auto: continuing from {folder / 'step_000002.pt'} (step 2)" in out, offset
         assert f"removed 1 half-written file(s) left by a run that was killed: {folder / 'step_000004.pt.tmp'}" in out
@@ -347,14 +348,24 @@ def test_a_second_signal_during_a_write_removes_the_temporary_file_before_exitin
 # Settings that used to be taken silently
 
 
-def test_a_setting_given_twice_is_refused(data_dir, capsys):
-    code, _, err = run_main(capsys, run_args(data_dir, data_dir / "logs") + ["--muon_lr=1", "--muon_lr=2"])
+def test_a_setting_given_twice_is_refused(recipe, data_dir, capsys):
+    args = run_args(recipe, data_dir, data_dir / "logs") + ["--muon_lr=1", "--muon_lr=2"]
+    code, _, err = run_main(capsys, recipe, args)
     assert_one_line(code, err, 2, "--muon_lr is given twice (--muon_lr=1 and --muon_lr=2); give it once")
     assert not (data_dir / "logs").exists()
 
 
-def test_an_attention_window_longer_than_a_training_sequence_is_refused(data_dir, capsys):
-    code, _, err = run_main(capsys, run_args(data_dir, data_dir / "logs", "--max_window_tokens=1024"))
+def test_an_attention_window_longer_than_a_training_sequence_is_refused_record89(data_dir, capsys):
+    recipe = RECIPES["record89"]
+    args = run_args(recipe, data_dir, data_dir / "logs", "--stage_windows=1/3,3/7,5/40")
+    code, _, err = run_main(capsys, recipe, args)
+    assert_one_line(code, err, 2, "--stage_windows=1/3,3/7,5/40", "longer than its stage's slot (24 blocks)")
+
+
+def test_an_attention_window_longer_than_a_training_sequence_is_refused_record21(data_dir, capsys):
+    recipe = RECIPES["record21"]
+    T = recipe.module
+    code, _, err = run_main(capsys, recipe, run_args(recipe, data_dir, data_dir / "logs", "--max_window_tokens=1024"))
     assert_one_line(code, err, 2, "--max_window_tokens=1024", "--train_seq_len=512", "choose 32..512")
     for settings in (T.parse_settings([]), T.parse_settings(["--preset=tiny"]),
                      T.parse_settings(["--preset=tiny", "--val_seq_len=128", "--val_tokens=2048"])):
