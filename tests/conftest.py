@@ -43,6 +43,16 @@ shard_paths = skip_if_missing(testdata.shard_paths)
 
 
 
+@pytest.fixture(autouse=True, scope="session")
+def gpt2_encoding_offline():
+    """Record 89 builds its prefix-token table from tiktoken's GPT-2 encoding, which tiktoken downloads: point
+    it at the test data's copy (CI has no network), for in-process runs and the processes tests start. A
+    TIKTOKEN_CACHE_DIR already set wins; without the test data the recipe's own one-line error shows."""
+    if "TIKTOKEN_CACHE_DIR" not in os.environ:
+        with contextlib.suppress(testdata.MissingTestData):
+            os.environ["TIKTOKEN_CACHE_DIR"] = str(testdata.tiktoken_cache())
+
+
 SMALL_VOCAB = 1024  # tokens of the synthetic shards of data_dir; a small head keeps in-process runs fast
 
 

@@ -106,7 +106,7 @@ def test_container_check_help():
 @pytest.mark.parametrize("args, message", [
     (["--stpes=4"], "unknown argument '--stpes=4'"),
     (["--steps"], "unknown argument '--steps'"),
-    (["--steps=0"], "--steps=0: must be a whole number of at least 1"),
+    (["--steps=2"], "--steps=2: must be a whole number of at least 3"),
     (["--steps=two"], "--steps=two: must be a whole number"),
     (["--shared=/nonexistent/data"], "no enwiki shards in /nonexistent/data/enwiki"),
 ])

@@ -14,7 +14,7 @@ mounted folder, and tests/test_bad_input.py. Then, also after a failure or SIGIN
 dockerd by PID, removes everything it made, and checks that nothing is left.
 
 --shared: the test data folder holding enwiki/ (default: $SPEEDRUN_TEST_DATA, else ../shared/data
-beside the repository, as for the tests); --steps: tiny preset steps (default 4).
+beside the repository, as for the tests); --steps: tiny preset steps (default 4, at least 3: the recipe's three stages).
 Exit status: 0 pass, 1 a failure, 2 bad arguments, 3 a registry hiccup (a download timed out or lost
 its connection): the check is skipped, not failed.
 """
@@ -95,8 +95,8 @@ def parse_args(argv: list[str]) -> Options:
         if name == "--shared" and equals:
             options.shared = Path(value)
         elif name == "--steps" and equals:
-            if not value.isdigit() or int(value) < 1:
-                raise UsageError(f"--steps={value}: must be a whole number of at least 1")
+            if not value.isdigit() or int(value) < 3:
+                raise UsageError(f"--steps={value}: must be a whole number of at least 3 (the recipe's three stages)")
             options.steps = int(value)
         else:
             raise UsageError(f"unknown argument {arg!r}; valid: --shared=DIR, --steps=N (see --help)")
@@ -340,9 +340,16 @@ def run_in_container(daemon: Daemon, options: Options, phases: "Phases"):
     with phases(f"tiny preset, {options.steps} steps"):
         logs = daemon.root / "logs"
         logs.mkdir()
-        run(container("./run.sh", "--preset=tiny", "--train_files=/shared/data/enwiki/enwiki_train_*.bin",
-                      "--val_files=/shared/data/enwiki/enwiki_val_000000.bin", f"--num_iterations={options.steps}",
-                      "--run_id=container_check", mounts={**shared_ro, logs: "/speedrun/logs"}, env={"NPROC": "1"}),
+        steps = options.steps  # the recipe's three stages, eager, without the warm-up's compilation
+        run(container("./run.sh", "--preset=tiny", "--compile=false", "--warmup=false",
+                      "--train_files=/shared/data/enwiki/enwiki_train_*.bin",
+                      "--val_files=/shared/data/enwiki/enwiki_val_000000.bin",
+                      f"--stage_ends={steps - 2},{steps - 1},{steps}", "--extension_steps=0",
+                      f"--split_step={steps - 1 if steps % 2 == 0 else steps - 2}", "--muon_momentum_warmup_steps=1",
+                      "--muon_momentum_cooldown_steps=1", "--run_id=container_check",
+                      mounts={**shared_ro, logs: "/speedrun/logs"},
+                      # the prefix-token table is built from tiktoken's GPT-2 encoding; the container is offline
+                      env={"NPROC": "1", "TIKTOKEN_CACHE_DIR": "/shared/data/gpt2/tiktoken_cache"}),
             "tiny preset", 1200, daemon.env)
         log = logs / "container_check.txt"
         require(log.is_file() and f"step:{options.steps}/{options.steps} val_loss:" in log.read_text(),
