@@ -120,12 +120,14 @@ PRESETS = {
     # Every component of the record at a size a 2-core CPU trains in a minute or two: the same 11 layers,
     # three stages and an extension, the untie, paired heads, key offset, XSA, DC, MUDD, smear, bigram,
     # value-embedding gates, MTP and the prefix loss, FP8 emulated. Widths are the record's / 16, tokens per
-    # step / 256 (the 50,304-wide head over every token dominates the CPU time).
+    # step / 256 (the 50,304-wide head over every token dominates the CPU time). Eager and without the
+    # warm-up: on a CPU, compiling the graphs of every stage takes longer than the whole run.
     "tiny": dict(
         model_dim=48, num_heads=6, head_dim=8, mlp_hidden=192, block_size=8, bigram_buckets=4096,
         dc_window=14, gate_hidden=16, stage_ends="9,17,25", extension_steps=3, split_step=17,
         stage_batch_tokens="512,1024,1536", stage_max_doc_len="112,256,256", val_seq_len=2048,
         val_tokens=8192, val_every=8, muon_momentum_warmup_steps=6, muon_momentum_cooldown_steps=2,
+        compile=False, warmup=False,
     ),
 }
 
