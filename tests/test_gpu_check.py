@@ -17,6 +17,7 @@ import gpu_check  # noqa: E402
 from fake_gpu import kernels, report, wrapper_memory  # noqa: E402
 from fake_gpu.gpus import GPUS  # noqa: E402
 from fake_gpu.syncs import HostSyncCounter  # noqa: E402
+from records.recipes import RECORD21  # noqa: E402  (the small-shape tool tests below use its flags)
 
 CUOBJDUMP_OUTPUT = """
 Resource usage:
@@ -197,7 +198,7 @@ VENV = gpu_check.venv_dir(*gpu_check.pinned_versions())
 def test_check_fails_for_a_model_that_does_not_compile_for_the_gpu(tmp_path):
     # FlexAttention on CUDA needs mask blocks that its kernel tiles divide: 32-token blocks do not lower
     command = [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--no-kernels", "--only=eval",
-               f"--out={tmp_path}", "--preset=tiny", "--device=cuda", "--attention_backend=flex", "--num_layers=2",
+               f"--recipe={RECORD21.relative_to(REPO)}", f"--out={tmp_path}", "--preset=tiny", "--device=cuda", "--attention_backend=flex", "--num_layers=2",
                "--attention_layout=L-", "--value_embed_layout=0-", "--val_seq_len=512", "--val_tokens=512"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900,
                             env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")))
@@ -213,7 +214,7 @@ def test_check_runs_the_fp8_op_compiled_as_a_gpu_would(tmp_path):
     # must run them compiled too (not eagerly, nor through the op's fake kernel), or its memory figure
     # is that of the eager op (the bf16 `grad * 2^19` temporary) and the bodies' kernels go unchecked.
     command = [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--no-kernels", "--only=train",
-               f"--out={tmp_path}", "--preset=tiny", "--device=cuda", "--fp8_head=true", "--num_layers=2",
+               f"--recipe={RECORD21.relative_to(REPO)}", f"--out={tmp_path}", "--preset=tiny", "--device=cuda", "--fp8_head=true", "--num_layers=2",
                "--attention_layout=L-", "--value_embed_layout=0-", "--block_size=128", "--train_seq_len=256",
                "--train_batch_tokens=512"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900,
