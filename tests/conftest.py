@@ -85,13 +85,14 @@ DOCUMENT_TOKENS = 100  # record 89 reads documents: its test shards start one at
 class Recipe:
     module: ModuleType
     script: Path
-    fast_settings: tuple[str, ...]  # the tiny preset shrunk to ~0.1 s a step, eager, one validation at the end
+    fast_settings: tuple[str, ...]  # the tiny preset shrunk to a fraction of a second a step, eager, one validation
     vocab_size: int  # of the test shards: record 89's documents start at BOS (50256), so it keeps GPT-2's
     out_of_range: tuple[str, ...]
     non_finite: tuple[str, ...]
     help_shows: tuple[str, ...]  # default values and ranges --help must print
     length_settings: Callable[[int], list[str]]  # a run of this many optimizer steps (at least 3: record 89's stages)
     two_rank_settings: tuple[str, ...]  # what lets 2 ranks split a step
+    long_run_steps: int  # a run that lasts ~30 s at fast_settings, for another process to act on beside it
 
     def tokens(self, generator: np.random.Generator, count: int) -> np.ndarray:
         """Random tokens below SMALL_VOCAB; for record 89 a document starts (BOS) every DOCUMENT_TOKENS."""
@@ -115,7 +116,10 @@ class Recipe:
 RECIPES = {
     "record89": Recipe(
         train_gpt, REPO / "train_gpt.py",
-        ("--preset=tiny", "--compile=false", "--warmup=false", "--val_tokens=2048", "--val_every=0"),
+        # 2 buffers of 128 tokens a step: the tiny preset's ~6 ms per token (the 50,304-wide head and its MTP
+        # targets) makes its 512-1,536-token steps too slow for runs that only exercise the harness
+        ("--preset=tiny", "--compile=false", "--warmup=false", "--slots_per_step=2", "--stage_batch_tokens=256,256,256",
+         "--val_tokens=2048", "--val_every=0"),
         50257,
         ("--adam_lr=-1", "--adam_wd=-1", "--adam_eps=0", "--muon_beta2=1", "--muon_momentum=2",
          "--muon_momentum_start=-0.1", "--muon_lr=-0.05", "--muon_wd=-1", "--cooldown_frac=1.5", "--lr_floor=2",
@@ -127,6 +131,7 @@ RECIPES = {
                        f"--split_step={steps - 1 if steps % 2 == 0 else steps - 2}",
                        f"--muon_momentum_warmup_steps={steps // 3}", f"--muon_momentum_cooldown_steps={steps // 4}"],
         (),
+        30,
     ),
     "record21": Recipe(
         record21(), RECORD21,
@@ -141,6 +146,7 @@ RECIPES = {
         ("--adam_beta1=0.8", "--fp8_head=true", "valid: [0, 1)"),
         lambda steps: [f"--num_iterations={steps}"],
         ("--train_batch_tokens=1024",),  # 2 sequences a step
+        300,
     ),
 }
 

@@ -19,8 +19,9 @@ from records import tool
 
 
 def run_args(recipe: Recipe, data_dir: Path, log_dir: Path, *extra: str, steps: int = 6) -> list[str]:
-    """The recipe's fast settings (~0.1 s a step) on its test shards in data_dir, steps optimizer steps, a
-    checkpoint every 2 steps; extra replaces these (a setting may be given once)."""
+    """The recipe's fast settings (well under a second a step on an idle machine) on its test shards in
+    data_dir, steps optimizer steps, a checkpoint every 2 steps; extra replaces these (a setting may be given
+    once)."""
     recipe.write_data(data_dir)
     args = recipe.fast_args(data_dir) + recipe.length_settings(steps) + ["--checkpoint_every=2"]
     return with_settings(with_settings(args, f"--log_dir={log_dir}"), *extra)
@@ -217,11 +218,12 @@ def test_a_second_run_on_the_same_run_folder_refuses_and_the_first_finishes(reci
 @pytest.mark.slow  # a real trainer process
 def test_a_run_started_beside_a_running_trainer_process_refuses(recipe, data_dir, capsys):
     log_dir = data_dir / "logs"
-    args = run_args(recipe, data_dir, log_dir, "--checkpoint_every=100", steps=300)
+    steps = recipe.long_run_steps
+    args = run_args(recipe, data_dir, log_dir, f"--checkpoint_every={steps // 3}", steps=steps)
     with process_group(trainer_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}) as first:
         deadline = time.monotonic() + 600
-        while not ((log_dir / "run.txt").exists() and "step:2/300 " in (log_dir / "run.txt").read_text()):
+        while not ((log_dir / "run.txt").exists() and f"step:2/{steps} " in (log_dir / "run.txt").read_text()):
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.1)
         code, _, err = run_main(capsys, recipe, args)
@@ -231,8 +233,8 @@ def test_a_run_started_beside_a_running_trainer_process_refuses(recipe, data_dir
     assert first.returncode == 0, first_err
     assert tool.read_log(log_dir / "run.txt").is_complete
     records = [json.loads(line) for line in (log_dir / "run.metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 301))
-    assert H.read_checkpoint(log_dir / "run" / "step_000300.pt")["finished"]
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, steps + 1))
+    assert H.read_checkpoint(log_dir / "run" / f"step_{steps:06d}.pt")["finished"]
 
 
 def test_a_run_without_run_id_locks_its_random_one(recipe, data_dir, capsys, monkeypatch):
@@ -359,7 +361,7 @@ def test_an_attention_window_longer_than_a_training_sequence_is_refused_record89
     recipe = RECIPES["record89"]
     args = run_args(recipe, data_dir, data_dir / "logs", "--stage_windows=1/3,3/7,5/40")
     code, _, err = run_main(capsys, recipe, args)
-    assert_one_line(code, err, 2, "--stage_windows=1/3,3/7,5/40", "longer than its stage's slot (24 blocks)")
+    assert_one_line(code, err, 2, "--stage_windows=1/3,3/7,5/40", "longer than its stage's slot (16 blocks)")
 
 
 def test_an_attention_window_longer_than_a_training_sequence_is_refused_record21(data_dir, capsys):
