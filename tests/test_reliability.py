@@ -220,8 +220,8 @@ def test_a_run_started_beside_a_running_trainer_process_refuses(recipe, data_dir
     log_dir = data_dir / "logs"
     steps = recipe.long_run_steps
     args = run_args(recipe, data_dir, log_dir, f"--checkpoint_every={steps // 3}", steps=steps)
-    with process_group(trainer_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}) as first:
+    with process_group(trainer_command(args, recipe=recipe.script), cwd=REPO, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) as first:
         deadline = time.monotonic() + 600
         while not ((log_dir / "run.txt").exists() and f"step:2/{steps} " in (log_dir / "run.txt").read_text()):
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
