@@ -2,6 +2,7 @@
 
     python benchmark.py --out DIR          # CUDA GPU: the record shape (48K-token micro-batch, bf16, compiled)
     python benchmark.py --cpu-tiny --out DIR   # CPU: the tiny preset, fp32, eager (also automatic without CUDA)
+    python benchmark.py --learning-curves --out DIR   # CPU: record 21 vs record 89, val loss vs training tokens
 
 Measures, in one run, and prints one Markdown report that is also written to DIR/benchmark.md, with the
 same figures in DIR/benchmark.json:
@@ -15,10 +16,15 @@ same figures in DIR/benchmark.json:
      second, and the share of its time a consumer with fixed work per batch waits for them.
 Every figure is tagged with the device, torch version, git commit and command line.
 
+--learning-curves is a separate mode (section 10): it trains the record-21 and the record-89 recipes, each as
+its own process at its tiny preset with the same number of training tokens, reads their logs, and writes the
+val loss against training tokens as a Markdown table, JSON and a PNG plot.
+
 Sections, top to bottom:
   1. Fixed settings        4. Ceilings            7. Component breakdown
   2. Metadata              5. FLOP count          8. Learning proxy
   3. Timing helpers        6. Record-shape step   9. Report (JSON, Markdown) and main
+                                                 10. Learning curves: record 21 vs record 89
 """
 
 import argparse
@@ -27,6 +33,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import re
 import resource
 import shlex
@@ -53,14 +60,16 @@ T = record21()  # the speed and learning benchmarks below measure the record-21 
 # ----------------------------------------------------------------------------------------------------
 # 1. Fixed settings (keep them fixed so results compare across commits)
 
-def default_data() -> tuple[str, str] | str:
-    """(train file, val file) from the tests' test-data lookup (data/testdata.py: $SPEEDRUN_TEST_DATA,
-    ../shared/data/enwiki, or FineWeb from data/cached_fineweb10B.py 1): the first shard of each.
-    Returns the lookup's reason instead when it finds no data."""
+def default_data(first_shards: bool = True) -> tuple[str, str] | str:
+    """(train files, val files) from the tests' test-data lookup (data/testdata.py: $SPEEDRUN_TEST_DATA,
+    ../shared/data/enwiki, or FineWeb from data/cached_fineweb10B.py 1): the first shard of each, or with
+    first_shards=False the lookup's globs. Returns the lookup's reason instead when it finds no data."""
     try:
         train_files, val_files = testdata.shard_paths()
     except testdata.MissingTestData as missing:
         return str(missing)
+    if not first_shards:
+        return train_files, val_files
     return str(testdata.first_file(train_files)), str(testdata.first_file(val_files))
 
 
@@ -726,6 +735,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--commit", default="",
                         help="git commit to record when the tree has no .git (e.g. a copied working tree)")
     parser.add_argument("--skip-proxy", action="store_true", help="leave out the learning proxy")
+    parser.add_argument("--learning-curves", action="store_true",
+                        help="instead of the benchmark: train record 21 and record 89 on the CPU at the same "
+                        "training tokens and write learning_curves.{md,json,png} and their logs to --out "
+                        "(section 10; ~10 minutes on a 2-core machine)")
     return parser.parse_args(argv)
 
 
@@ -752,7 +765,7 @@ def main(argv: list[str], command: str | None = None) -> int:
         torch.set_num_threads(args.cpu_threads)
     out = Path(args.out).resolve()
     if args.train_files is None or args.val_files is None:
-        found = default_data()
+        found = default_data(first_shards=not args.learning_curves)
         if isinstance(found, str):
             print(f"error: {found.removeprefix('test data missing: ')} (or pass --train-files and --val-files)",
                   file=sys.stderr)
@@ -765,6 +778,8 @@ def main(argv: list[str], command: str | None = None) -> int:
     except T.DataError as error:
         print(f"error: {error} (benchmark flags: --train-files, --val-files)", file=sys.stderr)
         return 2
+    if args.learning_curves:
+        return learning_curves(args, command)
     recipe, single = step_settings(mode, args.train_files, args.val_files)
     runtime = T.resolve_runtime(single, 0, 1, 0)
     if runtime.device.type == "cuda":
@@ -813,6 +828,206 @@ def main(argv: list[str], command: str | None = None) -> int:
     progress(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
     return 1 if results["errors"] else 0
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Learning curves: record 21 vs record 89 on the CPU, at the same number of training tokens
+# Each recipe runs as its own process (its own imports and settings, as a user runs it) at its tiny preset,
+# eager, one thread, and its val losses are read back from its log. What the two share: the training shards,
+# the validation tokens (the first CURVE_VAL_TOKENS of the val shard, in 2048-token sequences), the seed and
+# the number of training tokens. Record 89's schedule is its tiny preset's with every step count doubled (the
+# stage ends, the extension, the momentum ramps; the untie stays at the end of stage 2); record 21 then takes
+# as many of its preset's steps as give the same token total, its momentum warm-up the preset's third of the
+# run. Each model keeps its preset's size, which differ (the report gives both parameter counts).
+
+CURVE_VAL_TOKENS = 8192
+CURVE_COMMON_ARGS = ("--preset=tiny", "--device=cpu", "--compile=false", f"--val_tokens={CURVE_VAL_TOKENS}",
+                     "--val_seq_len=2048")
+R89_CURVE_ARGS = (*CURVE_COMMON_ARGS, "--stage_ends=18,35,53", "--extension_steps=6", "--split_step=35",
+                  "--muon_momentum_warmup_steps=12", "--muon_momentum_cooldown_steps=4", "--val_every=10",
+                  "--warmup=false")
+R21_VAL_EVERY = 5
+
+
+@dataclass(frozen=True)
+class CurveRecipe:
+    label: str
+    run_id: str
+    path: Path
+    args: tuple[str, ...]  # the recipe's settings; the data files, log folder and run id are added
+    parameters: int
+
+
+def r89_tokens_before(settings: dict) -> list[int]:
+    """Training tokens seen before each step 0..num_iterations of a record-89 run with these logged settings
+    (the sum of step_plan(step).batch_tokens over the earlier steps)."""
+    known = {field.name for field in dataclasses.fields(R89.Settings)}
+    s = dataclasses.replace(R89.Settings(), **{name: value for name, value in settings.items() if name in known})
+    tokens = [0]
+    for step in range(s.num_iterations):
+        tokens.append(tokens[-1] + R89.step_plan(step, s).batch_tokens)
+    return tokens
+
+
+def r21_tokens_before(settings: dict) -> list[int]:
+    """The same for record 21: a fixed train_batch_tokens per step."""
+    return [step * settings["train_batch_tokens"] for step in range(settings["num_iterations"] + 1)]
+
+
+TOKENS_BEFORE = {"record21": r21_tokens_before, "record89": r89_tokens_before}
+
+
+def parameter_count(module, s) -> int:
+    with torch.device("meta"):  # shapes only
+        return sum(p.numel() for p in module.GPT(s, "explicit").parameters())
+
+
+def curve_recipes() -> list[CurveRecipe]:
+    """Record 21 and record 89 at the same training tokens (section comment); SettingsError if they cannot be."""
+    r89 = R89.parse_settings(list(R89_CURVE_ARGS))
+    total = r89_tokens_before(dataclasses.asdict(r89))[-1]
+    r21_preset = T.parse_settings(list(CURVE_COMMON_ARGS))
+    if total % r21_preset.train_batch_tokens:
+        raise H.SettingsError(f"record 89's {total:,} training tokens are not a whole number of record 21's "
+                              f"{r21_preset.train_batch_tokens}-token steps; change R89_CURVE_ARGS")
+    steps = total // r21_preset.train_batch_tokens
+    r21_args = (*CURVE_COMMON_ARGS, f"--num_iterations={steps}", f"--val_every={R21_VAL_EVERY}",
+                f"--muon_momentum_warmup_steps={steps // 3}", "--warmup_steps=0")
+    r21 = T.parse_settings(list(r21_args))
+    return [CurveRecipe("record 21", "record21", RECIPE_PATHS["record21"], r21_args, parameter_count(T, r21)),
+            CurveRecipe("record 89", "record89", RECIPE_PATHS["record89"], R89_CURVE_ARGS, parameter_count(R89, r89))]
+
+
+RECIPE_PATHS = {"record21": Path(T.__file__).resolve(), "record89": Path(R89.__file__).resolve()}
+
+
+def read_curve(log_path: Path, run_id: str) -> dict:
+    """The val losses of a complete run's log with the training tokens before each, via records.tool.read_log."""
+    from records.tool import read_log
+    log = read_log(log_path, keep_source=False, keep_steps=False)
+    if not log.is_complete:
+        raise RuntimeError(f"{log_path}: the run did not finish ({log.status})")
+    if log.settings is None:
+        raise RuntimeError(f"{log_path}: no 'Settings:' line; not a log of this repository's trainers")
+    tokens_before = TOKENS_BEFORE[run_id](log.settings)
+    if len(tokens_before) != log.total_steps + 1:
+        raise RuntimeError(f"{log_path}: the logged settings give {len(tokens_before) - 1} steps, the step lines "
+                           f"{log.total_steps}")
+    points = [dict(step=line.step, tokens=tokens_before[line.step], val_loss=line.val_loss,
+                   train_time_s=line.train_time_ms / 1e3) for line in log.val_steps]
+    return dict(device=log.device, total_steps=log.total_steps, points=points,
+                peak_memory_mib=log.peak_memory_allocated_mib)
+
+
+def curves_table(curves: dict[str, dict], labels: dict[str, str]) -> list[str]:
+    """Markdown rows: one per token count at which any run validated, each run's (step, val loss) or blank."""
+    names = list(curves)
+    by_tokens: dict[int, dict[str, dict]] = {}
+    for name in names:
+        for point in curves[name]["points"]:
+            by_tokens.setdefault(point["tokens"], {})[name] = point
+    header = "| training tokens | " + " | ".join(f"{labels[name]}: step | {labels[name]}: val loss"
+                                                for name in names) + " |"
+    rows = [header, "|---:|" + "---:|---:|" * len(names)]
+    for tokens in sorted(by_tokens):
+        cells = []
+        for name in names:
+            point = by_tokens[tokens].get(name)
+            cells += [str(point["step"]), f"{point['val_loss']:.4f}"] if point else ["", ""]
+        rows.append(f"| {tokens:,} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def plot_curves(curves: dict[str, dict], labels: dict[str, str], title: str, path: Path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(8, 5), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, curve in curves.items():
+        axes.plot([p["tokens"] for p in curve["points"]], [p["val_loss"] for p in curve["points"]], marker="o",
+                  label=f"{labels[name]} (final {curve['points'][-1]['val_loss']:.4f})")
+    axes.set_xlabel("training tokens")
+    axes.set_ylabel(f"val loss (first {CURVE_VAL_TOKENS:,} val tokens)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.savefig(path)
+
+
+def render_curves_markdown(results: dict) -> str:
+    meta, curves = results["meta"], results["curves"]
+    labels = {run["run_id"]: run["label"] for run in results["runs"]}
+    lines = ["# Learning curves: record 21 vs record 89, tiny presets on the CPU", "",
+             f"- device: **{meta['device']}**, torch {meta['torch_version']}, python {meta['python_version']}, "
+             f"OMP_NUM_THREADS={meta['omp_threads']} per run, runs one after the other",
+             f"- commit: {meta['git_commit']}" + (" (tracked files modified)" if meta["git_dirty"] else ""),
+             f"- command: `{meta['command']}`; started {meta['started']}",
+             f"- training data: `{meta['train_files']}`; validation: the first {CURVE_VAL_TOKENS:,} tokens of "
+             f"`{meta['val_files']}`", ""]
+    for run in results["runs"]:
+        curve = curves[run["run_id"]]
+        lines.append(f"- {run['label']}: {run['parameters']:,} parameters, {curve['total_steps']} steps, "
+                     f"{curve['points'][-1]['tokens']:,} training tokens, wall {run['wall_s']:.0f} s (information "
+                     f"only: the machine was shared), peak memory {curve['peak_memory_mib']} MiB; "
+                     f"`{run['command']}`")
+    lines += ["", "## Val loss vs training tokens", "", *curves_table(curves, labels), ""]
+    finals = {name: curve["points"][-1] for name, curve in curves.items()}
+    (first, a), (second, b) = finals.items()
+    lines.append(f"At {a['tokens']:,} training tokens: {labels[first]} {a['val_loss']:.4f}, {labels[second]} "
+                 f"{b['val_loss']:.4f} ({labels[second]} minus {labels[first]}: {b['val_loss'] - a['val_loss']:+.4f}).")
+    return "\n".join(lines) + "\n"
+
+
+def run_recipe(recipe: CurveRecipe, train_files: str, val_files: str, logs: Path) -> tuple[dict, str, float]:
+    """Trains recipe in its own process (one thread); returns its curve, its command and its wall time."""
+    command = [sys.executable, str(recipe.path), *recipe.args, f"--train_files={train_files}",
+               f"--val_files={val_files}", f"--log_dir={logs}", f"--run_id={recipe.run_id}"]
+    log_path = logs / f"{recipe.run_id}.txt"
+    log_path.unlink(missing_ok=True)  # this mode's own output from an earlier run: start afresh
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    with open(logs / f"{recipe.run_id}.out", "w") as output:
+        returncode = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT).returncode
+    wall_s = time.perf_counter() - started
+    shown = shlex.join(["python", str(recipe.path.relative_to(REPO)), *command[2:]])
+    if returncode != 0:
+        raise RuntimeError(f"{recipe.label} exited with {returncode}; see {logs / (recipe.run_id + '.out')}")
+    return read_curve(log_path, recipe.run_id), shown, wall_s
+
+
+def learning_curves(args: argparse.Namespace, command: str) -> int:
+    out = Path(args.out).resolve()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    commit, dirty = git_commit()
+    if args.commit:
+        commit, dirty = args.commit, None
+    meta = dict(device="cpu", torch_version=torch.__version__, python_version=sys.version.split()[0],
+                git_commit=commit, git_dirty=dirty, command=command, omp_threads=1,
+                started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), train_files=args.train_files,
+                val_files=args.val_files)
+    results = dict(meta=meta, runs=[], curves={})
+    for recipe in curve_recipes():
+        progress(f"learning curve of {recipe.label} ({recipe.parameters:,} parameters) ...")
+        curve, shown, wall_s = run_recipe(recipe, args.train_files, args.val_files, logs)
+        progress(f"{recipe.label}: final val loss {curve['points'][-1]['val_loss']:.4f} in {wall_s:.0f} s")
+        results["runs"].append(dict(label=recipe.label, run_id=recipe.run_id, command=shown, wall_s=wall_s,
+                                    parameters=recipe.parameters))
+        results["curves"][recipe.run_id] = curve
+    totals = {name: curve["points"][-1]["tokens"] for name, curve in results["curves"].items()}
+    if len(set(totals.values())) != 1:
+        raise RuntimeError(f"the runs trained on different token totals: {totals}")
+    text = render_curves_markdown(results)
+    labels = {run["run_id"]: run["label"] for run in results["runs"]}
+    plot_curves(results["curves"], labels, f"{meta['device']}, torch {meta['torch_version']}, commit {commit}",
+                out / "learning_curves.png")
+    for name, content in (("learning_curves.json", json.dumps(results, indent=2) + "\n"),
+                          ("learning_curves.md", text)):
+        H.write_file_atomically(out / name, [content.encode()])
+    print(text, end="", flush=True)
+    progress(f"wrote {out / 'learning_curves.md'}, .json and .png")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], command=shlex.join([Path(sys.executable).name, *sys.argv])))
