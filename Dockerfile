@@ -1,7 +1,7 @@
 # The image holds the code it was built from, with pinned versions, so that a record's log can be
 # reproduced later. Data and logs live in mounted folders (README, "Docker"):
 #   docker build -t speedrun .
-#   docker run --rm -v "$PWD/data/fineweb10B":/speedrun/data/fineweb10B speedrun python data/cached_fineweb10B.py 9
+#   docker run --rm -v "$PWD/data/fineweb10B":/speedrun/data/fineweb10B speedrun python data/cached_fineweb10B.py 5
 #   docker run --gpus all --ipc=host --rm -v "$PWD/data/fineweb10B":/speedrun/data/fineweb10B -v "$PWD/logs":/speedrun/logs speedrun
 # With edited code: add -v "$PWD":/speedrun (the mount replaces the code baked in the image).
 # BASE: CI's container check (tools/container_check.py) builds on a local Debian; records use the CUDA image.

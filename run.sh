@@ -24,7 +24,7 @@ fi
 # In the Docker image (SPEEDRUN_IMAGE, set by the Dockerfile) the data folder is a mount: say how to fill it.
 if [ -n "${SPEEDRUN_IMAGE:-}" ] && [ "$train_files_given" = false ] && ! compgen -G "data/fineweb10B/fineweb_train_*.bin" >/dev/null; then
     echo "run.sh: no training data in the image's data/fineweb10B; download it into the mounted folder with:" \
-        "docker run --rm -v \"\$PWD/data/fineweb10B\":/speedrun/data/fineweb10B speedrun python data/cached_fineweb10B.py 9" >&2
+        "docker run --rm -v \"\$PWD/data/fineweb10B\":/speedrun/data/fineweb10B speedrun python data/cached_fineweb10B.py 5" >&2
     exit 2
 fi
 WORLD_SIZE="$NPROC" LOCAL_WORLD_SIZE="$NPROC" python train_gpt.py "$@" --check_only=true

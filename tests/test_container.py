@@ -159,7 +159,7 @@ def test_run_sh_in_the_image_without_data_names_the_download_command(tmp_path):
     env = {**os.environ, "SPEEDRUN_IMAGE": "1", "NPROC": "1"}
     result = run_process(["bash", str(tmp_path / "run.sh")], timeout=60, env=env)
     download = ('docker run --rm -v "$PWD/data/fineweb10B":/speedrun/data/fineweb10B speedrun '
-                'python data/cached_fineweb10B.py 9')
+                'python data/cached_fineweb10B.py 5')
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and download in result.stderr, result.stderr
     assert download in (REPO / "README.md").read_text()
     # own shards given, or outside the image: no hint (here the missing trainer fails next)

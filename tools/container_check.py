@@ -335,7 +335,7 @@ def run_in_container(daemon: Daemon, options: Options, phases: "Phases"):
     with phases("run.sh without data"):
         output = run(container(env={"NPROC": "1"}), "the image's default command without data", 300,
                      daemon.env, expect=2)
-        require(output.count("\n") == 1 and "python data/cached_fineweb10B.py 9" in output,
+        require(output.count("\n") == 1 and "python data/cached_fineweb10B.py 5" in output,
                 "run.sh without data does not give the one-line download command")
     with phases(f"tiny preset, {options.steps} steps"):
         logs = daemon.root / "logs"
