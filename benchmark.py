@@ -969,7 +969,7 @@ def render_curves_markdown(results: dict) -> str:
         curve = curves[run["run_id"]]
         lines.append(f"- {run['label']}: {run['parameters']:,} parameters, {curve['total_steps']} steps, "
                      f"{curve['points'][-1]['tokens']:,} training tokens, wall {run['wall_s']:.0f} s (information "
-                     f"only: the machine was shared), peak memory {curve['peak_memory_mib']} MiB; "
+                     f"only), peak memory {curve['peak_memory_mib']} MiB; "
                      f"`{run['command']}`")
     lines += ["", "## Val loss vs training tokens", "", *curves_table(curves, labels), ""]
     finals = {name: curve["points"][-1] for name, curve in curves.items()}
@@ -981,8 +981,10 @@ def render_curves_markdown(results: dict) -> str:
 
 def run_recipe(recipe: CurveRecipe, train_files: str, val_files: str, logs: Path) -> tuple[dict, str, float]:
     """Trains recipe in its own process (one thread); returns its curve, its command and its wall time."""
-    command = [sys.executable, str(recipe.path), *recipe.args, f"--train_files={train_files}",
-               f"--val_files={val_files}", f"--log_dir={logs}", f"--run_id={recipe.run_id}"]
+    # paths relative to the repository, where the process runs, so that the report's commands are portable
+    command = [sys.executable, os.path.relpath(recipe.path, REPO), *recipe.args,
+               f"--train_files={os.path.relpath(train_files, REPO)}", f"--val_files={os.path.relpath(val_files, REPO)}",
+               f"--log_dir={os.path.relpath(logs, REPO)}", f"--run_id={recipe.run_id}"]
     log_path = logs / f"{recipe.run_id}.txt"
     log_path.unlink(missing_ok=True)  # this mode's own output from an earlier run: start afresh
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -990,7 +992,7 @@ def run_recipe(recipe: CurveRecipe, train_files: str, val_files: str, logs: Path
     with open(logs / f"{recipe.run_id}.out", "w") as output:
         returncode = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT).returncode
     wall_s = time.perf_counter() - started
-    shown = shlex.join(["python", str(recipe.path.relative_to(REPO)), *command[2:]])
+    shown = shlex.join(["python", *command[1:]])
     if returncode != 0:
         raise RuntimeError(f"{recipe.label} exited with {returncode}; see {logs / (recipe.run_id + '.out')}")
     return read_curve(log_path, recipe.run_id), shown, wall_s
