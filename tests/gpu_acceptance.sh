@@ -4,7 +4,7 @@
 #   2. a 50-step run at the record's shapes (its batch sizes, slots, windows, sequence lengths and model; only the
 #      schedule is shortened: stages end at 15, 31, 45, then 5 extension steps; one validation sequence) on one
 #      GPU: its ms/step and peak memory, read from its log;
-#   3. compiled (FlexAttention) against eager (explicit attention) at the tiny preset: every val loss compared.
+#   3. the tiny preset compiled (FlexAttention) against eager (explicit attention): every val loss compared.
 # Needs the FineWeb shards of `python data/cached_fineweb10B.py 1` (the 50-step run reads ~13.6M tokens).
 #
 #   tests/gpu_acceptance.sh [OUT_DIR]     (default logs/gpu_acceptance; the report is OUT_DIR/report.md)
@@ -42,7 +42,7 @@ run() {  # run NAME COMMAND...: the command's output to OUT/NAME.out; prints the
 
 TESTS_COMMAND=("$PYTHON" -m pytest -q tests/test_cuda.py)
 RECORD_COMMAND=("$PYTHON" train_gpt.py "${RECORD_SHAPE[@]}" "${DATA[@]}" --run_id=record_shape_50)
-COMPILED_COMMAND=("$PYTHON" train_gpt.py "${TINY[@]}" "${DATA[@]}" --run_id=tiny_compiled)
+COMPILED_COMMAND=("$PYTHON" train_gpt.py "${TINY[@]}" --compile=true "${DATA[@]}" --run_id=tiny_compiled)
 EAGER_COMMAND=("$PYTHON" train_gpt.py "${TINY[@]}" --compile=false --attention_backend=explicit "${DATA[@]}"
                --run_id=tiny_eager)
 rm -f "$OUT"/record_shape_50.txt "$OUT"/tiny_compiled.txt "$OUT"/tiny_eager.txt  # logs of an earlier call

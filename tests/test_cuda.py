@@ -137,8 +137,8 @@ def test_tiny_preset_trains_on_the_gpu(tmp_path):
     its val loss falls."""
     from records.tool import read_log
     train_files, val_files = shard_paths()
-    command = [sys.executable, str(REPO / "train_gpt.py"), "--preset=tiny", "--device=cuda", f"--train_files={train_files}",
-               f"--val_files={val_files}", f"--log_dir={tmp_path}", "--run_id=cuda_tiny"]
+    command = [sys.executable, str(REPO / "train_gpt.py"), "--preset=tiny", "--device=cuda", "--compile=true",
+               f"--train_files={train_files}", f"--val_files={val_files}", f"--log_dir={tmp_path}", "--run_id=cuda_tiny"]
     result = run_process(command, cwd=REPO, timeout=1200)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     log = read_log(tmp_path / "cuda_tiny.txt", keep_source=False)
