@@ -738,7 +738,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--learning-curves", action="store_true",
                         help="instead of the benchmark: train record 21 and record 89 on the CPU at the same "
                         "training tokens and write learning_curves.{md,json,png} and their logs to --out "
-                        "(section 10; ~10 minutes on a 2-core machine)")
+                        "(section 10; 14 minutes on the shared 2-core development machine)")
     return parser.parse_args(argv)
 
 
