@@ -617,12 +617,14 @@ class Rotary(nn.Module):
         self.frequencies.mul_(ratio + kept * (1 - ratio))
         self.scale.mul_(1 + YARN_SCALE_SLOPE * math.log(new_long_tokens / old_long_tokens))
 
-    def forward(self, x: Tensor, paired: bool = False) -> Tensor:
+    def forward(self, x: Tensor, paired: bool = False, start: int = 0) -> Tensor:
         """x (T, H, D) rotated at position t (its index in the buffer); paired: head h at position 2t + h % 2,
-        as the public script's paired layout (so heads 1 and 4 sit on the row of the other position)."""
+        as the public script's paired layout (so heads 1 and 4 sit on the row of the other position). start:
+        the buffer index of x's first row (decoding continues a buffer, section 4c)."""
         seq_len, num_heads, _ = x.shape
         pairs = self.frequencies.numel()
-        positions = torch.arange(2 * seq_len if paired else seq_len, device=x.device, dtype=torch.float32)
+        rows, first = (2 * seq_len, 2 * start) if paired else (seq_len, start)
+        positions = torch.arange(first, first + rows, device=x.device, dtype=torch.float32)
         angles = positions[:, None] * self.frequencies[None, :]  # (positions, P) in fp32, as the record's tables
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # stored in bf16 on GPU, as the record's
         if paired:  # (2T, P) -> (T, H, P): even heads at 2t, odd heads at 2t + 1
@@ -752,13 +754,14 @@ def exclusive_self_attention(y: Tensor, v: Tensor, alpha: Tensor) -> Tensor:
 
 def dc_correction(q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tensor, document_ids: Tensor, scale: Tensor,
                   window: int) -> Tensor:
-    """The dynamically composable attention correction (fact sheet 3), fp32 (T, H, D):
+    """The dynamically composable attention correction (fact sheet 3), fp32 (fp64 stays) (T, H, D):
     corr_h[t] = w2_h[t] * sum_j (sum_h' w1n_h'[t] P_h'[t, j]) v_h[j], with P_h[t, j] the softmax of
     scale * q_h[t].k_h[j] over the window keys t - window < j <= t of t's document and w1n = w1 RMS-normed
     over the heads. q, k, v (T, H, D); w1, w2 (T, H). The weights are rounded to v's dtype before the product
     with v, as the Triton kernel's bf16 MMA. Plain PyTorch for torch.compile to fuse: chunks of
     DC_QUERY_CHUNK queries against their band of chunk + window - 1 keys, all chunks at once."""
     seq_len, num_heads, head_dim = q.shape
+    wide = torch.promote_types(q.dtype, torch.float32)
     chunk = DC_QUERY_CHUNK
     num_chunks = -(-seq_len // chunk)
     band = chunk + window - 1
@@ -774,20 +777,20 @@ def dc_correction(q: Tensor, k: Tensor, v: Tensor, w1: Tensor, w2: Tensor, docum
     # ids never decrease: the front padding's id is nobody's; the back padding's only its own
     padded_ids = torch.cat(((document_ids[:1] - 1).expand(front), document_ids, (document_ids[-1:] + 1).expand(back)))
     query_ids = padded_ids[front:].view(num_chunks, chunk)
-    queries = padded(q.float())[front:].view(num_chunks, chunk, num_heads, head_dim)
-    # scores (chunks, H, chunk, band): products of the compute-dtype q and k, accumulated in fp32
-    scores = torch.einsum("nchd,nhdb->nhcb", queries, bands(padded(k.float()))) * scale
+    queries = padded(q.to(wide))[front:].view(num_chunks, chunk, num_heads, head_dim)
+    # scores (chunks, H, chunk, band): products of the compute-dtype q and k, accumulated in fp32 (fp64 stays)
+    scores = torch.einsum("nchd,nhdb->nhcb", queries, bands(padded(k.to(wide)))) * scale
     query_in_chunk = torch.arange(chunk, device=q.device)[:, None]
     key_in_band = torch.arange(band, device=q.device)[None, :]
     in_window = (key_in_band >= query_in_chunk) & (key_in_band < query_in_chunk + window)  # (chunk, band)
     allowed = in_window & (query_ids[:, :, None] == bands(padded_ids)[:, None, :])  # (chunks, chunk, band)
     probabilities = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
-    head_mix = F.rms_norm(w1.float(), (num_heads,), eps=DC_GATE_NORM_EPS)  # (T, H)
+    head_mix = F.rms_norm(w1.to(wide), (num_heads,), eps=DC_GATE_NORM_EPS)  # (T, H)
     head_mix, head_out = (padded(t)[front:].view(num_chunks, chunk, num_heads).transpose(1, 2)[..., None]
-                          for t in (head_mix, w2.float()))  # (chunks, H, chunk, 1)
+                          for t in (head_mix, w2.to(wide)))  # (chunks, H, chunk, 1)
     mixed = (head_mix * probabilities).sum(dim=1, keepdim=True)  # (chunks, 1, chunk, band)
-    weights = (head_out * mixed).to(v.dtype).float()  # (chunks, H, chunk, band), rounded as the kernel's
-    correction = torch.einsum("nhcb,nhdb->nchd", weights, bands(padded(v.float())))  # (chunks, chunk, H, D)
+    weights = (head_out * mixed).to(v.dtype).to(wide)  # (chunks, H, chunk, band), rounded as the kernel's
+    correction = torch.einsum("nhcb,nhdb->nchd", weights, bands(padded(v.to(wide))))  # (chunks, chunk, H, D)
     return correction.reshape(num_chunks * chunk, num_heads, head_dim)[:seq_len]
 
 
@@ -804,11 +807,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, masks: AttentionMasks, rotary: Rotary, lambdas: Tensor, aux_v: Tensor | None = None,
                 xsa_alpha: Tensor | None = None, output_gate: Tensor | None = None, dc_w1: Tensor | None = None,
-                dc_w2: Tensor | None = None) -> Tensor:
+                dc_w2: Tensor | None = None, past: "LayerCache | None" = None) -> Tensor:
         """x (T, d) normed input; lambdas (2,): the Q/K/V and the O weight multipliers; aux_v (T, H, D) added
         to v; per token and head (T, H): xsa_alpha (XSA layers), output_gate (gated layers), dc_w1 and dc_w2
         (the DC layer). Returns the projected output (T, d) in x's dtype (the additions and gates are cast to it;
-        the DC arithmetic is fp32)."""
+        the DC arithmetic is fp32). past (decoding, section 4c): x's tokens follow past's, whose keys and values
+        they attend to as well; masks are then those of x's tokens (rows) over all tokens (columns)."""
         features = self.features
         needed = {"xsa_alpha": (features.xsa, xsa_alpha), "output_gate": (features.output_gate, output_gate),
                   "dc_w1": (features.dc, dc_w1), "dc_w2": (features.dc, dc_w2)}
@@ -820,20 +824,23 @@ class CausalSelfAttention(nn.Module):
         q, k, v = F.linear(x, qkv_weight.flatten(end_dim=1)).view(seq_len, 3, num_heads, head_dim).unbind(1)
         # No eps, as the public script: PyTorch then uses fp32's epsilon, bf16 input included (fact sheet 2.1).
         q, k = F.rms_norm(q, (head_dim,)), F.rms_norm(k, (head_dim,))
-        q, k = rotary(q, features.paired_heads), rotary(k, features.paired_heads)
+        start = 0 if past is None else past.length
+        q, k = rotary(q, features.paired_heads, start), rotary(k, features.paired_heads, start)
         if features.key_offset:
-            k = shift_stationary_keys(k)
+            k = shift_stationary_keys(k) if past is None else past.shift_stationary_keys(k)
         if aux_v is not None:
             v = v + aux_v.type_as(v)
+        keys, values = (k, v) if past is None else past.append(k, v)  # (N, H, D): N = T, or all tokens decoded
         mask = masks.by_kind[features.mask_kind]
-        if features.paired_heads:  # (T, H, D) -> (2T, H/2, D): row 2t holds heads 0..H/2-1, row 2t+1 the rest
-            rows = (t.reshape(2 * seq_len, num_heads // 2, head_dim) for t in (q, k, v))
+        if features.paired_heads:  # (N, H, D) -> (2N, H/2, D): row 2t holds heads 0..H/2-1, row 2t+1 the rest
+            rows = (t.reshape(2 * t.size(0), num_heads // 2, head_dim) for t in (q, keys, values))
             y = attend(*rows, mask, rotary.scale).reshape(seq_len, num_heads, head_dim)
         else:
-            y = attend(q, k, v, mask, rotary.scale)
+            y = attend(q, keys, values, mask, rotary.scale)
         if features.dc:  # base + correction in fp32, rounded once, as the kernel
-            correction = dc_correction(q, k, v, dc_w1, dc_w2, masks.document_ids, rotary.scale, self.dc_window)
-            y = (y.float() + correction).type_as(y)
+            correct = dc_correction if past is None else dc_correction_of_last
+            correction = correct(q, keys, values, dc_w1, dc_w2, masks.document_ids, rotary.scale, self.dc_window)
+            y = (y.to(correction.dtype) + correction).type_as(y)
         if features.xsa:
             y = exclusive_self_attention(y, v, xsa_alpha)
         if features.output_gate:
@@ -1033,6 +1040,7 @@ class LayerInputs:
     slot: Tensor | None  # 0-d int64: the accumulation slot, whose FP8 MLP scales training uses; None: no FP8
     caches: dict[int, Tensor]  # residual snapshots: 0 (layer 0's input), 3, 7 (after their MLPs), 9
     post_gates: Tensor | None = None  # (T, POST_GATE_OUTPUTS), from the start of layer 4
+    past: "dict[int, LayerCache] | None" = None  # decoding (section 4c): each attention layer's earlier tokens
 
     def gate(self, place: tuple[str, slice]) -> Tensor:
         net, columns = place
@@ -1153,7 +1161,7 @@ class GPT(nn.Module):
         dc = (inputs.gate(DC_W1_COLUMNS), inputs.gate(DC_W2_COLUMNS)) if i == MUDD_LAYER else (None, None)
         return self.blocks[i].attn(a, inputs.masks, self.rotary, self.scalars[2 * i:2 * i + 2], aux_v=aux_v,
                                    xsa_alpha=columns(XSA_ALPHA_COLUMNS), output_gate=columns(OUTPUT_GATE_COLUMNS),
-                                   dc_w1=dc[0], dc_w2=dc[1])
+                                   dc_w1=dc[0], dc_w2=dc[1], past=None if inputs.past is None else inputs.past[i])
 
     def value_addition(self, i: int, a: Tensor, inputs: LayerInputs) -> Tensor | None:
         """aux_v (T, heads, head_dim) added to layer i's values: the value embedding, gated per head by
@@ -1214,6 +1222,124 @@ def build_model(s: Settings, runtime: Runtime) -> GPT:
             parameter.data = parameter.data.to(runtime.compute_dtype)
     model.bigram_signs = model.bigram_signs.to(runtime.compute_dtype)
     return model
+
+
+# 4c. Decoding (sample.py, evals/hellaswag.py): the network as a language model over a token sequence read as the
+# validation reads one: documents start at BOS, the final validation's windows, no FP8, the same logits (soft-capped,
+# in the compute dtype, over every column of the head: the padded columns past vocab_size are in the validation
+# loss's softmax too; a sampler drops them). sequence_logits runs the training forward, GPT.hidden, on the whole
+# sequence. A Decoder takes the tokens a few at a time: each new token attends to the cached keys and values of
+# the tokens before it, and whatever reads the previous token gets it from the cache: the smear and the bigram
+# hash (its id), the key offset (its key), the DC correction (the last dc_window - 1 keys). The rest is per token.
+
+
+def inference_runtime(device: torch.device) -> Runtime:
+    """One process evaluating on device: dense masks (no compilation needed, CPU or CUDA), no FP8."""
+    return Runtime(rank=0, world_size=1, device=device, attention_backend="explicit", fp8=False)
+
+
+def evaluation_logits(hidden: Tensor, head_weight: Tensor) -> Tensor:
+    """hidden (T, d) -> (T, padded vocab): validation_loss_sum's soft-capped logits."""
+    return softcap(head_logits(hidden, head_weight, fp8=False))
+
+
+@torch.no_grad()
+def sequence_logits(model: GPT, tokens: Tensor, s: Settings) -> Tensor:
+    """tokens (T,) -> the logits (T, padded vocab) of the token after each, by the training forward."""
+    length = tokens.numel()
+    # the masks take whole blocks: BOS pads the end (no token sees a later one)
+    inputs = F.pad(tokens, (0, -length % s.block_size), value=BOS)
+    batch = Batch(inputs, targets=None, document_ids=document_ids_of(inputs))  # no targets: nothing is scored
+    hidden = model.hidden(batch, model.masks_for(batch, *final_windows(s)), None)
+    return evaluation_logits(hidden[:length], model.lm_head)
+
+
+class LayerCache:
+    """One attention layer's keys and values (N, H, D) of the N tokens decoded so far, as the layer attended
+    with them (rotated, key offset applied, value additions in), and the last token's key before the offset."""
+
+    def __init__(self):
+        self.keys = self.values = self.last_key = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.size(0)
+
+    def shift_stationary_keys(self, k: Tensor) -> Tensor:
+        """shift_stationary_keys of k (T, H, D) continuing the cached tokens: k's first token takes the last's."""
+        previous, self.last_key = self.last_key, k[-1:]
+        return shift_stationary_keys(k) if previous is None else shift_stationary_keys(torch.cat([previous, k]))[1:]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Adds the new tokens' keys and values (T, H, D); returns all (N + T, H, D)."""
+        self.keys = k if self.keys is None else torch.cat([self.keys, k])
+        self.values = v if self.values is None else torch.cat([self.values, v])
+        return self.keys, self.values
+
+
+def decode_masks(document_ids: Tensor, new: int, short_blocks: int, long_blocks: int, block_size: int
+                 ) -> AttentionMasks:
+    """attention_masks' dense masks ("explicit"), of the last `new` tokens of document_ids (T,) (rows; 2 per
+    token on the paired layers) over all T (columns), with no whole-block requirement."""
+    window_blocks = {"short": short_blocks, "long": long_blocks}
+    masks = {}
+    for kind in MASK_KINDS:
+        window, _, paired = kind.partition("_")
+        rows = document_ids.repeat_interleave(2) if paired else document_ids
+        positions = torch.arange(rows.numel(), device=rows.device)
+        queries = positions[rows.numel() - new * (2 if paired else 1):]
+        masks[kind] = window_mask_mod(rows, window_blocks[window] * block_size)(None, None, queries[:, None],
+                                                                                positions[None, :])
+    return AttentionMasks(masks, document_ids)
+
+
+def dc_correction_of_last(q: Tensor, keys: Tensor, values: Tensor, w1: Tensor, w2: Tensor, document_ids: Tensor,
+                          scale: Tensor, window: int) -> Tensor:
+    """dc_correction of the last T = len(q) tokens of N (keys, values (N, H, D), document_ids (N,)): they see the
+    last T + window - 1 keys at most. The tokens before them in that stretch get zero queries and weights, and
+    their rows are dropped."""
+    new, total = q.size(0), keys.size(0)
+    first = max(0, total - new - window + 1)
+    earlier = total - first - new
+
+    def padded(t: Tensor) -> Tensor:  # (T, ...) -> (earlier + T, ...)
+        return F.pad(t, (0, 0) * (t.dim() - 1) + (earlier, 0))
+
+    return dc_correction(padded(q), keys[first:], values[first:], padded(w1), padded(w2), document_ids[first:],
+                         scale, window)[earlier:]
+
+
+class Decoder:
+    """Incremental decoding of one token sequence: feed(tokens) appends tokens and returns the logits of the
+    token after each (sequence_logits' rows for them); fork() is an independent copy (candidates that share a
+    context)."""
+
+    def __init__(self, model: GPT, s: Settings):
+        self.model, self.windows, self.block_size = model, final_windows(s), s.block_size
+        self.tokens = torch.empty(0, dtype=torch.int64, device=model.lm_head.device)
+        self.layers = {i: LayerCache() for i in ATTENTION_LAYERS}
+
+    @torch.no_grad()
+    def feed(self, tokens: Tensor) -> Tensor:
+        """tokens (T,) -> (T, padded vocab)."""
+        model, start = self.model, self.tokens.numel()
+        self.tokens = torch.cat([self.tokens, tokens.to(self.tokens)])
+        masks = decode_masks(document_ids_of(self.tokens), tokens.numel(), *self.windows, self.block_size)
+        # the smear and the bigram hash read the previous token: it is embedded again, and its row dropped
+        x, inputs = model.embed_inputs(self.tokens[max(start - 1, 0):], masks, None)
+        if start:
+            x, inputs = x[1:], replace(inputs, x0=inputs.x0[1:], bigram=inputs.bigram[1:],
+                                       value_embeds=inputs.value_embeds[:, 1:], pre_gates=inputs.pre_gates[1:],
+                                       caches={0: x[1:]})
+        inputs.past = self.layers
+        for i in range(NUM_LAYERS):
+            x = model.layer(i, x, inputs)
+        return evaluation_logits(rms_norm(model.final_mix(x, inputs)), model.lm_head)
+
+    def fork(self) -> "Decoder":
+        twin = copy.copy(self)  # the caches' tensors are replaced, never changed in place: sharing them is safe
+        twin.layers = {i: copy.copy(layer) for i, layer in self.layers.items()}
+        return twin
 
 
 # ----------------------------------------------------------------------------------------------------
