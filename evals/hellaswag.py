@@ -6,8 +6,10 @@
 
 Each example is a context and four endings. Every ending is scored by the model's cross-entropy on the
 ending's tokens after the context; as in llm.c, `acc_norm` picks the ending with the lowest mean token
-loss and `acc` the lowest summed loss. The four candidates of an example are packed into one sequence
-as four documents (each <|endoftext|> + context + ending), which the training masks keep apart.
+loss and `acc` the lowest summed loss. Each candidate is its own sequence, <|endoftext|> + context + ending,
+read as train_gpt.py's validation reads one (train_gpt.sequence_logits): the context is decoded once and
+each ending continues a copy of its key/value cache. (Packing the four as documents of one sequence would
+not keep them apart: the smear, the bigram hash and the key offset read the token before a document start.)
 Examples are split over ranks (example i on rank i % W) and the counts summed.
 """
 
@@ -17,6 +19,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,37 +80,24 @@ def read_examples(path: Path) -> list[dict]:
     return examples
 
 
-def candidate_sequence(context: list[int], endings: list[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The packed tokens (T,) of the four candidates, and for each ending the positions whose next token
-    (the target) is one of its tokens."""
-    tokens, target_positions = [], []
+def ending_losses(decoder: "T.Decoder", context: list[int], endings: list[list[int]]) -> list[torch.Tensor]:
+    """Per-token cross-entropies of each ending after <|endoftext|> + context. decoder: a fresh T.Decoder (or
+    anything with its feed and fork); the context is fed once, each ending to a fork of it."""
+    context_logits = decoder.feed(torch.tensor([T.BOS, *context]))[-1:]  # the ending's first token follows it
+    losses = []
     for ending in endings:
-        start = len(tokens) + 1 + len(context)  # after <|endoftext|> + context
-        tokens += [T.END_OF_TEXT, *context, *ending]
-        target_positions.append(torch.arange(start - 1, start - 1 + len(ending)))
-    return torch.tensor(tokens), target_positions
+        logits = torch.cat([context_logits, decoder.fork().feed(torch.tensor(ending))[:-1]])  # (len(ending), V)
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # as the validation's: bf16 -> fp32
+        losses.append(F.cross_entropy(wide, torch.tensor(ending, device=wide.device), reduction="none"))
+    return losses
 
 
-@torch.no_grad()
-def ending_losses(model, window_blocks: torch.Tensor, context: list[int], endings: list[list[int]]
-                  ) -> list[torch.Tensor]:
-    """Per-token cross-entropies of each ending after the context (one forward pass for all four)."""
-    device = window_blocks.device
-    tokens, target_positions = candidate_sequence(context, endings)
-    if tokens.numel() > model.max_seq_len:
-        raise EvalError(f"an example packs to {tokens.numel()} tokens, more than the model's {model.max_seq_len}")
-    tokens = tokens.to(device)
-    logits = model.capped_logits(model.final_hidden(tokens, window_blocks))  # (T, padded vocab), fp32 or fp64
-    token_losses = F.cross_entropy(logits[:-1], tokens[1:], reduction="none")  # loss at t: predicting t+1
-    return [token_losses[positions.to(device)] for positions in target_positions]
-
-
-def score(model, window_blocks: torch.Tensor, examples: list[dict], encode, rank: int = 0, world_size: int = 1
+def score(new_decoder: Callable[[], "T.Decoder"], examples: list[dict], encode, rank: int = 0, world_size: int = 1
           ) -> torch.Tensor:
     """[examples, correct by summed loss, correct by mean loss] over this rank's share (float64)."""
     counts = torch.zeros(3, dtype=torch.float64)
     for example in examples[rank::world_size]:
-        losses = ending_losses(model, window_blocks, encode(example["ctx"]),
+        losses = ending_losses(new_decoder(), encode(example["ctx"]),
                                [encode(" " + ending) for ending in example["endings"]])
         sums = torch.stack([loss.sum() for loss in losses])
         means = torch.stack([loss.mean() for loss in losses])
@@ -140,18 +130,17 @@ def main(argv: list[str]) -> int:
         examples = read_examples(path)
         if args.limit:
             examples = examples[:args.limit]
-        model, settings = load_model(args.checkpoint, device)
+        loaded = load_model(args.checkpoint, device)
         encode = gpt2_tokenizer().encode_ordinary
     except (EvalError, SampleError, H.CheckpointError) as error:
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
         return 2
-    window_blocks = torch.tensor(T.window_blocks_at(settings.num_iterations, settings), device=device)
     if world_size > 1:
         if use_cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    counts = score(model, window_blocks, examples, encode, rank, world_size)
+    counts = score(lambda: T.Decoder(loaded.model, loaded.settings), examples, encode, rank, world_size)
     if world_size > 1:
         counts = counts.to(device)
         dist.all_reduce(counts)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import harness as H
 import train_gpt as T
@@ -22,21 +23,19 @@ def encoder():
     return gpt2_tokenizer().encode_ordinary
 
 
-class ControlledLogits(torch.nn.Module):
-    """A stand-in model with the same logits at every position: each token then has a fixed loss, so
-    every ending's summed and mean loss are known in advance."""
+class ControlledDecoder:
+    """A stand-in for train_gpt.Decoder with the same logits at every position: each token then has a fixed
+    loss, so every ending's summed and mean loss are known in advance. It records what it is fed."""
 
-    max_seq_len = 4096
+    def __init__(self, bias: torch.Tensor, fed: list):
+        self.bias, self.fed = bias, fed
 
-    def __init__(self, bias: torch.Tensor):
-        super().__init__()
-        self.bias = bias
+    def feed(self, tokens):
+        self.fed.append(tokens.tolist())
+        return self.bias.expand(tokens.numel(), -1)
 
-    def final_hidden(self, tokens, window_blocks):
-        return torch.zeros(tokens.numel(), 1)
-
-    def capped_logits(self, hidden):
-        return self.bias.expand(hidden.size(0), -1)
+    def fork(self):
+        return ControlledDecoder(self.bias, self.fed)
 
 
 def controlled_model_and_examples():
@@ -54,7 +53,7 @@ def controlled_model_and_examples():
     ]
     lines = [dict(ind=i, ctx=ctx, endings=endings, label=label, split="val")
              for i, (ctx, endings, label) in enumerate(examples)]
-    return ControlledLogits(bias), lines
+    return bias, lines
 
 
 def reference_choices(bias: torch.Tensor, example: dict) -> tuple[int, int]:
@@ -71,31 +70,41 @@ def write_jsonl(path, lines):
 
 
 def test_scores_match_the_known_answers_of_a_controlled_model(tmp_path):
-    model, lines = controlled_model_and_examples()
-    assert [reference_choices(model.bias, line) for line in lines] == [(0, 0), (0, 1), (0, 1), (0, 0)]
+    bias, lines = controlled_model_and_examples()
+    assert [reference_choices(bias, line) for line in lines] == [(0, 0), (0, 1), (0, 1), (0, 0)]
     examples = hellaswag.read_examples(write_jsonl(tmp_path / "val.jsonl", lines))
-    counts = hellaswag.score(model, torch.tensor(1), examples, encoder())
+    fed = []
+    counts = hellaswag.score(lambda: ControlledDecoder(bias, fed), examples, encoder())
     assert counts.tolist() == [4, 2, 2]  # acc 2/4 (examples 0, 2), acc_norm 2/4 (examples 0, 1)
-    per_example = [hellaswag.score(model, torch.tensor(1), [e], encoder()).tolist() for e in examples]
+    first_context = [T.BOS, *encoder()(lines[0]["ctx"])]
+    assert fed[:5] == [first_context] + [encoder()(" " + ending) for ending in lines[0]["endings"]]
+    per_example = [hellaswag.score(lambda: ControlledDecoder(bias, []), [e], encoder()).tolist() for e in examples]
     assert per_example == [[1, 1, 1], [1, 0, 1], [1, 1, 0], [1, 0, 0]]
-    split = sum(hellaswag.score(model, torch.tensor(1), examples, encoder(), rank, 3) for rank in range(3))
+    split = sum(hellaswag.score(lambda: ControlledDecoder(bias, []), examples, encoder(), rank, 3)
+                for rank in range(3))
     assert split.tolist() == counts.tolist(), "the ranks' shares must add up to the whole"
 
 
-def test_packed_candidates_score_like_separate_sequences():
-    """The four candidates share one packed sequence; the document masks must keep them apart."""
+def test_candidates_sharing_a_decoded_context_score_like_separate_sequences():
+    """Each candidate continues a fork of the decoded context; it must score as its own sequence
+    <|endoftext|> + context + ending does in the training forward. Packing the four as documents of one
+    sequence would not: the smear, the bigram hash and the key offset read across a document start."""
     model, settings = random_tiny_model_fp64()
-    window = torch.tensor(T.window_blocks_at(settings.num_iterations, settings))
     context = list(range(1000, 1040))
     endings = [list(range(2000, 2000 + n)) for n in (3, 7, 1, 12)]
-    packed = hellaswag.ending_losses(model, window, context, endings)
-    for ending, losses in zip(endings, packed):
-        alone = torch.tensor([T.END_OF_TEXT, *context, *ending])
-        with torch.no_grad():
-            logits = model.capped_logits(model.final_hidden(alone, window))
-        expected = torch.nn.functional.cross_entropy(logits[:-1], alone[1:], reduction="none")[-len(ending):]
+    scored = hellaswag.ending_losses(T.Decoder(model, settings), context, endings)
+    packed = torch.tensor([token for ending in endings for token in (T.BOS, *context, *ending)])
+    packed_losses = F.cross_entropy(T.sequence_logits(model, packed, settings)[:-1], packed[1:], reduction="none")
+    end = 0
+    for index, (ending, losses) in enumerate(zip(endings, scored)):
+        alone = torch.tensor([T.BOS, *context, *ending])
+        expected = F.cross_entropy(T.sequence_logits(model, alone, settings)[:-1], alone[1:],
+                                   reduction="none")[-len(ending):]
         assert losses.shape == (len(ending),)
         assert torch.allclose(losses, expected, rtol=0, atol=1e-10), (losses - expected).abs().max()
+        end += len(alone)
+        in_packed = packed_losses[end - 1 - len(ending):end - 1]
+        assert torch.allclose(in_packed, expected, atol=1e-6) == (index == 0), "only the first is alone in the pack"
 
 
 def test_command_scores_a_checkpoint_and_rejects_bad_input(tmp_path, capsys, monkeypatch):
@@ -109,8 +118,7 @@ def test_command_scores_a_checkpoint_and_rejects_bad_input(tmp_path, capsys, mon
     capsys.readouterr()  # drop what building the model printed
     assert hellaswag.main([str(checkpoint), f"--file={examples_file}", "--device=cpu"]) == 0
     out = capsys.readouterr().out
-    expected = hellaswag.score(model.eval(), torch.tensor(T.window_blocks_at(settings.num_iterations, settings)),
-                               lines, encoder())
+    expected = hellaswag.score(lambda: T.Decoder(model.eval(), settings), lines, encoder())
     assert out.startswith("hellaswag: 4 examples (not the full 10042-example set): "
                           f"acc {expected[1] / 4:.4f} acc_norm {expected[2] / 4:.4f}")
 
