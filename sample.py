@@ -86,15 +86,20 @@ def load_recipe_for(path: Path, recipe_path: Path, saved_settings: dict) -> Modu
                       f"read it with sample.py --recipe={relative}")
 
 
+def is_record21(recipe: ModuleType) -> bool:
+    """Record 21 decodes through its model's own methods; the default recipe has train_gpt.Decoder (section 4c)."""
+    return not hasattr(recipe, "Decoder")
+
+
 def load_model(path: Path, device: torch.device, recipe_path: Path = recipes.DEFAULT) -> LoadedModel:
     """The model of a checkpoint or safetensors export of the recipe at recipe_path, on device."""
     saved_settings, state = read_weights(path)
     recipe = load_recipe_for(path, recipe_path, saved_settings)
     settings = recipe.Settings(**saved_settings)
-    if hasattr(recipe, "inference_runtime"):
-        runtime = recipe.inference_runtime(device)
-    else:  # record 21
+    if is_record21(recipe):
         runtime = recipe.Runtime(rank=0, world_size=1, device=device, attention_backend="sdpa", grad_accum_steps=1)
+    else:
+        runtime = recipe.inference_runtime(device)
     model = recipe.build_model(settings, runtime)
     model.load_state_dict(state)
     return LoadedModel(model.eval(), settings, recipe)
@@ -108,23 +113,23 @@ class Decoder:
         self.model, self.settings, self.recipe = loaded.model, loaded.settings, loaded.recipe
         self.use_cache = use_cache
         self.tokens = torch.empty(0, dtype=torch.long, device=next(self.model.parameters()).device)
-        if hasattr(self.recipe, "Decoder"):
-            self.cache = self.recipe.Decoder(self.model, self.settings)
-        else:  # record 21
+        if is_record21(self.recipe):
             self.window_blocks = torch.tensor(self.recipe.window_blocks_at(self.settings.num_iterations,
                                                                            self.settings), device=self.tokens.device)
             self.cache = self.recipe.DecodeCache(len(self.model.blocks))
+        else:
+            self.cache = self.recipe.Decoder(self.model, self.settings)
 
     @torch.no_grad()
     def feed(self, tokens: list[int]) -> Tensor:
         """Appends tokens; returns the logits (vocab_size,) for the token after them."""
         new = torch.tensor(tokens, dtype=torch.long, device=self.tokens.device)
         self.tokens = torch.cat([self.tokens, new])
-        if hasattr(self.recipe, "Decoder"):
+        if is_record21(self.recipe):
+            logits = self.record21_logits(new)
+        else:
             logits = (self.cache.feed(new) if self.use_cache
                       else self.recipe.sequence_logits(self.model, self.tokens, self.settings))[-1]
-        else:
-            logits = self.record21_logits(new)
         return logits[:self.settings.vocab_size]
 
     def record21_logits(self, new: Tensor) -> Tensor:

@@ -811,7 +811,7 @@ class CausalSelfAttention(nn.Module):
         """x (T, d) normed input; lambdas (2,): the Q/K/V and the O weight multipliers; aux_v (T, H, D) added
         to v; per token and head (T, H): xsa_alpha (XSA layers), output_gate (gated layers), dc_w1 and dc_w2
         (the DC layer). Returns the projected output (T, d) in x's dtype (the additions and gates are cast to it;
-        the DC arithmetic is fp32). past (decoding, section 4c): x's tokens follow past's, whose keys and values
+        the DC arithmetic is fp32, fp64 stays). past (decoding, section 4c): x's tokens follow past's, whose keys and values
         they attend to as well; masks are then those of x's tokens (rows) over all tokens (columns)."""
         features = self.features
         needed = {"xsa_alpha": (features.xsa, xsa_alpha), "output_gate": (features.output_gate, output_gate),

@@ -1,6 +1,6 @@
 """HellaSwag (validation, 10,042 examples) accuracy of a train_gpt.py checkpoint, completion style.
 
-    python evals/hellaswag.py logs/RUN/step_001770.pt                  # fetches the jsonl once
+    python evals/hellaswag.py logs/RUN/step_001285.pt                  # fetches the jsonl once
     python evals/hellaswag.py CHECKPOINT --file=hellaswag_val.jsonl    # a local copy
     torchrun --standalone --nproc_per_node=8 evals/hellaswag.py CHECKPOINT
 
