@@ -241,12 +241,13 @@ def check_gpu(device: torch.device, backend: str, head_dim: int) -> tuple[list[s
     return notices, props.total_memory, has_fp8
 
 
-# --memory=auto reads the GPU check's predicted peak memory per combination of savers for the record shape.
+# --memory=auto reads the GPU check's predicted peak memory per combination of savers for the record shape, from
+# the recipe's own table (record 21's is this one; record 89 names its own).
 MEMORY_TABLE_PATH = HARNESS_FILE.parent / "records" / "benchmarks" / "memory_table.json"
 
 
-def load_memory_table() -> dict | None:
-    return json.loads(MEMORY_TABLE_PATH.read_text()) if MEMORY_TABLE_PATH.exists() else None
+def load_memory_table(path: Path = MEMORY_TABLE_PATH) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def usable_memory_gib(total_memory: int) -> float:
@@ -255,10 +256,18 @@ def usable_memory_gib(total_memory: int) -> float:
     return 0.9 * total_memory / 2**30 - 1.0
 
 
-def choose_memory_savers(s, world_size: int, total_memory: int | None,
-                         table: dict | None) -> tuple[MemorySavers, str]:
+def recompute_order(row: dict) -> tuple:
+    """Rows by recomputation; among equal ones the larger loss chunk first (fewer, larger matmuls; 0: the
+    recipe's own chunking, the largest)."""
+    return row["recompute_flops_per_token"], -(row["loss_chunk_tokens"] or math.inf)
+
+
+def choose_memory_savers(s, world_size: int, total_memory: int | None, table: dict | None, fp8: bool | None = None,
+                         table_path: Path = MEMORY_TABLE_PATH) -> tuple[MemorySavers, str]:
     """Savers set explicitly (>= 0) stay; with --memory=auto on a GPU the others come from the table row with
-    the least recomputation whose predicted peak fits usable_memory_gib. Returns the savers and a notice."""
+    the least recomputation whose predicted peak fits usable_memory_gib. The table names the settings that size
+    memory (its shape: they must equal the run's) and its rows' FP8 key (fp8_setting, record 21's fp8_head when
+    absent); fp8 is whether the run trains in FP8 (None: that setting's value). Returns the savers and a notice."""
     as_set = MemorySavers(max(s.checkpoint_blocks, 0), max(s.loss_chunk_tokens, 0))
     chosen = f"checkpoint_blocks={as_set.checkpoint_blocks} loss_chunk_tokens={as_set.loss_chunk_tokens}"
     if s.checkpoint_blocks >= 0 and s.loss_chunk_tokens >= 0:
@@ -267,18 +276,20 @@ def choose_memory_savers(s, world_size: int, total_memory: int | None,
         reason = "--memory=off" if s.memory == "off" else "no GPU"
         return as_set, f"memory savers ({reason}): {chosen}"
     if table is None:
-        return as_set, f"--memory=auto: no table at {MEMORY_TABLE_PATH}: {chosen}"
+        return as_set, f"--memory=auto: no table at {table_path}: {chosen}"
     differing = [name for name, value in table["shape"].items() if getattr(s, name) != value]
     if differing:
         return as_set, (f"--memory=auto: the memory table covers the record shape only ({', '.join(differing)} "
                         f"differ): {chosen}")
-    # Ranks share Muon's momentum, so a world size missing from the table is bounded by the 1-rank rows.
+    fp8_key = table.get("fp8_setting", "fp8_head")
+    if fp8 is None:
+        fp8 = getattr(s, fp8_key)
+    # Ranks share the optimizer state, so a world size missing from the table is bounded by the 1-rank rows.
     table_world = world_size if any(row["world_size"] == world_size for row in table["rows"]) else 1
     candidates = sorted((row for row in table["rows"] if row["world_size"] == table_world
-                         and row["fp8_head"] == s.fp8_head
+                         and row[fp8_key] == fp8
                          and s.checkpoint_blocks in (-1, row["checkpoint_blocks"])
-                         and s.loss_chunk_tokens in (-1, row["loss_chunk_tokens"])),
-                        key=lambda row: row["recompute_flops_per_token"])
+                         and s.loss_chunk_tokens in (-1, row["loss_chunk_tokens"])), key=recompute_order)
     if not candidates:
         return as_set, f"--memory=auto: no table row matches these settings: {chosen}"
     usable = usable_memory_gib(total_memory)

@@ -109,6 +109,15 @@ class Settings(RunSettings):
     attention_backend: str = setting("auto", "auto (flex on cuda, explicit on cpu), flex or explicit (dense mask)",
                                      free_on_resume=True)
     compile: bool = setting(True, "torch.compile the model", free_on_resume=True)
+    # memory savers: the same mathematics, recomputed in backward instead of kept (README, "Running on other GPUs")
+    checkpoint_blocks: int = setting(-1, "recompute the first N of the 11 layers in backward: 0 (none) .. 11 "
+                                         "(all); -1: --memory chooses", Range(-1, 11), free_on_resume=True)
+    loss_chunk_tokens: int = setting(-1, "training head + loss in chunks of N tokens (a positive multiple of 16), "
+                                         "each recomputed in backward; 0: the record's 16,384 (96 on CPU); "
+                                         "-1: --memory chooses", free_on_resume=True)
+    memory: str = setting("auto", "savers left at -1: auto (on CUDA, the least recomputation whose predicted "
+                                  "peak fits this GPU, from the GPU check's table "
+                                  "records/benchmarks/memory_table_record89.json) or off (none)", free_on_resume=True)
 
     @property
     def num_iterations(self) -> int:
@@ -164,6 +173,10 @@ def check_settings(s: Settings):
             f"--val_tokens={s.val_tokens}: must be a multiple of --val_seq_len={s.val_seq_len}")
     require(s.val_seq_len % s.block_size == 0,
             f"--val_seq_len={s.val_seq_len}: must be a multiple of --block_size={s.block_size}")
+    require(s.loss_chunk_tokens in (-1, 0) or (s.loss_chunk_tokens > 0 and s.loss_chunk_tokens % 16 == 0),
+            f"--loss_chunk_tokens={s.loss_chunk_tokens}: choose a positive multiple of 16, 0 (the record's "
+            "16,384) or -1 (--memory chooses)")
+    require(s.memory in ("auto", "off"), f"--memory={s.memory}: choose auto or off")
     check_schedule(s)
 
 
@@ -225,19 +238,42 @@ def resolve_runtime(s: Settings, rank: int, world_size: int, local_rank: int) ->
         raise SettingsError(f"world size {world_size} cannot split a step of {s.slots_per_step} slots "
                             f"(--slots_per_step); run with {', '.join(map(str, divisors(s.slots_per_step)))} "
                             "processes")
-    notices, fp8 = [], s.fp8
+    notices, fp8, total_memory = [], s.fp8, None
     if device_type == "cuda":
-        notices, _, has_fp8 = harness.check_gpu(device, backend, s.head_dim)
+        notices, total_memory, has_fp8 = harness.check_gpu(device, backend, s.head_dim)
         if s.fp8 and not has_fp8:
             notices.append("FP8: this GPU has no FP8 matmuls: the LM head and MLP matmuls run in bf16 (the record "
                            "uses FP8; expect a slightly different loss curve)")
             fp8 = False
     elif s.fp8:
         notices.append("FP8: emulated on CPU (values rounded through float8, matmuls in fp32)")
+    savers, memory_notice = harness.choose_memory_savers(s, world_size, total_memory,
+                                                         harness.load_memory_table(MEMORY_TABLE), fp8, MEMORY_TABLE)
+    notices.append(memory_notice)
     if rank == 0:
         for notice in notices:
             print(notice, flush=True)
-    return Runtime(rank, world_size, device, backend, fp8, MemorySavers(), tuple(notices), s.compile)
+    return Runtime(rank, world_size, device, backend, fp8, savers, tuple(notices), s.compile)
+
+
+# --memory=auto's table: the GPU check's predicted peak per rank of the record shape for each combination of
+# savers (tools/memory_table.py builds it from the reports under records/benchmarks/memory_record89/). These
+# settings size memory: the table holds for them only.
+MEMORY_TABLE = RECIPE_FILE.parent / "records" / "benchmarks" / "memory_table_record89.json"
+MEMORY_SHAPE_SETTINGS = ("val_seq_len", "slots_per_step", "stage_batch_tokens", "stage_max_doc_len", "vocab_size",
+                         "model_dim", "num_heads", "head_dim", "mlp_hidden", "block_size", "bigram_buckets",
+                         "dc_window", "gate_hidden", "compile")
+MEMORY_FP8_SETTING = "fp8"  # the table's rows are per FP8 on/off (resolved: off on GPUs without FP8 matmuls)
+
+
+def recompute_flops_per_token(s: Settings, savers: MemorySavers) -> int:
+    """Extra forward FLOPs per token that backward spends on the savers: the weight matmuls of the checkpointed
+    layers (attention scores left out: they depend on the window and the documents). The loss chunks are
+    recomputed whatever their size, so the chunk size adds none."""
+    with torch.device("meta"):
+        model = GPT(s, "explicit")
+    weights = sum(p.numel() for block in model.blocks[:savers.checkpoint_blocks] for p in block.parameters())
+    return 2 * weights
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1080,6 +1116,7 @@ class GPT(nn.Module):
         self.register_buffer("long_window_tokens", torch.tensor(0))  # the rotary's long window; 0: not set yet
         self.mlp_fp8 = MLPFP8State(s.slots_per_step, NUM_LAYERS)  # the MLPs' delayed FP8 scales, per slot
         self.long_window = 0  # Python copy of long_window_tokens
+        self.checkpoint_blocks = 0  # training recomputes layers 0..N-1 in backward (MemorySavers; build_model sets it)
         self.register_load_state_dict_post_hook(GPT._read_host_copies)
 
     @staticmethod
@@ -1133,9 +1170,28 @@ class GPT(nn.Module):
         return x, inputs
 
     def layer(self, i: int, x: Tensor, inputs: LayerInputs) -> Tensor:
-        """Layer i's update of the residual x (T, d); records the post gate and the caches on the way."""
+        """Layer i's update of the residual x (T, d); records the post gate, the caches and the FP8 MLP's
+        measured scales on the way. A checkpointed layer (i < checkpoint_blocks, with gradients) keeps only x
+        and recomputes the update in backward; the records stay outside the recomputed part, so a recompute
+        writes no FP8 scale a second time, and reads the scales the forward read (end_step changes them only
+        after the step's last backward)."""
         if i == POST_GATE_LAYER:
             inputs.post_gates = self.post_gate(x)
+        if i == MUDD_LAYER:
+            inputs.caches[9] = x
+        update = functools.partial(self.layer_update, i, inputs=inputs)
+        if i < self.checkpoint_blocks and torch.is_grad_enabled():
+            x, *measured = checkpoint(update, x, use_reentrant=False)
+        else:
+            x, *measured = update(x)
+        if measured:
+            self.mlp_fp8.at(inputs.slot, i).record(*measured)
+        if i in CACHED_LAYERS:
+            inputs.caches[i] = x
+        return x
+
+    def layer_update(self, i: int, x: Tensor, inputs: LayerInputs) -> tuple[Tensor, ...]:
+        """(x after layer i, then with the FP8 MLP the next scales it measured: act, weight); reads inputs only."""
         if i == MUDD_LAYER:
             return self.mudd_layer(x, inputs)
         if i == SKIP_LAYER:
@@ -1148,10 +1204,8 @@ class GPT(nn.Module):
                  + inputs.gate(X0_GATE_COLUMNS[i]) * inputs.x0)
             if i > 0:  # layer 0's bigram vector is in its input already
                 x = x + inputs.gate(BIGRAM_GATE_COLUMNS[i]) * inputs.bigram
-        x = self.resid_lambdas[i, 1] * x + self.post_lambdas[i, 1] * self.mlp(i, rms_norm(x), inputs)
-        if i in CACHED_LAYERS:
-            inputs.caches[i] = x
-        return x
+        out, *measured = self.mlp(i, rms_norm(x), inputs)
+        return self.resid_lambdas[i, 1] * x + self.post_lambdas[i, 1] * out, *measured
 
     def attention(self, i: int, a: Tensor, inputs: LayerInputs, aux_v: Tensor | None) -> Tensor:
         """Layer i's attention on the normed input a (T, d), with the per-token gates it takes."""
@@ -1174,10 +1228,9 @@ class GPT(nn.Module):
         head_gates = 2 * torch.sigmoid(F.linear(gate_input, self.ve_gate_bank[table]))  # (T, heads)
         return head_gates[:, :, None] * ve.view(-1, self.num_heads, self.head_dim)
 
-    def mudd_layer(self, x: Tensor, inputs: LayerInputs) -> Tensor:
-        """Layer 10, mixed by MUDD0's 14 coefficients (see MU_* above)."""
+    def mudd_layer(self, x: Tensor, inputs: LayerInputs) -> tuple[Tensor, ...]:
+        """Layer 10, mixed by MUDD0's 14 coefficients (see MU_* above); returns as layer_update."""
         caches, num_tokens = inputs.caches, x.size(0)
-        caches[9] = x
         mu = self.mudd0(x)  # (T, 14)
 
         def m(k: int) -> Tensor:
@@ -1193,12 +1246,15 @@ class GPT(nn.Module):
                  + v_mudd.view(num_tokens, self.num_heads, self.head_dim))
         y = self.attention(MUDD_LAYER, rms_norm(caches[7]), inputs, aux_v)
         x = m(MU_ATTN_X) * x + m(MU_ATTN_Y) * y + m(MU_ATTN_CACHE0) * caches[0] + m(MU_ATTN_BIGRAM) * inputs.bigram
-        return m(MU_MLP_X) * x + m(MU_MLP_Y) * self.mlp(MUDD_LAYER, rms_norm(x), inputs)
+        out, *measured = self.mlp(MUDD_LAYER, rms_norm(x), inputs)
+        return m(MU_MLP_X) * x + m(MU_MLP_Y) * out, *measured
 
-    def mlp(self, i: int, x: Tensor, inputs: LayerInputs) -> Tensor:
-        """Layer i's MLP on the normed x: in FP8 with the slot's scales in a training forward with a slot."""
-        fp8_state = self.mlp_fp8.at(inputs.slot, i) if inputs.slot is not None else None
-        return self.blocks[i].mlp(x, fp8_state)
+    def mlp(self, i: int, x: Tensor, inputs: LayerInputs) -> tuple[Tensor, ...]:
+        """Layer i's MLP on the normed x: (out,), or in a training forward with a slot (out, next act scale,
+        next weight scale) in FP8 with the slot's scales (mlp_forward_measured); the caller records them."""
+        if inputs.slot is None:
+            return (self.blocks[i].mlp(x),)
+        return mlp_forward_measured(x, self.blocks[i].mlp.fc, self.blocks[i].mlp.proj, self.mlp_fp8.at(inputs.slot, i))
 
     def final_mix(self, x: Tensor, inputs: LayerInputs) -> Tensor:
         """MUDD1 after the loop: x + sum of nu_k * (cache0, cache7, cache9, ve_0, cache3)."""
@@ -1221,6 +1277,7 @@ def build_model(s: Settings, runtime: Runtime) -> GPT:
         if name not in FP32_PARAMETERS:
             parameter.data = parameter.data.to(runtime.compute_dtype)
     model.bigram_signs = model.bigram_signs.to(runtime.compute_dtype)
+    model.checkpoint_blocks = runtime.savers.checkpoint_blocks
     return model
 
 
@@ -1362,6 +1419,11 @@ CPU_LOSS_CHUNK_TOKENS = 96
 
 def loss_chunk_tokens(device: torch.device, gpu_chunk: int) -> int:
     return gpu_chunk if device.type == "cuda" else CPU_LOSS_CHUNK_TOKENS
+
+
+def train_loss_chunk_tokens(runtime) -> int:
+    """The training loss's chunk: the memory saver's when set, else the device's default."""
+    return runtime.savers.loss_chunk_tokens or loss_chunk_tokens(runtime.device, TRAIN_LOSS_CHUNK_TOKENS)
 FP8_E4M3_MAX = 448.0
 FP8_E5M2_MAX = 57344.0
 HEAD_X_RANGE = 100.0  # FP8 head, fixed scales: x / (HEAD_X_RANGE / 448) and W / (HEAD_W_RANGE / 448) to e4m3,
@@ -1665,7 +1727,8 @@ class MLPFP8State(nn.Module):
     row, so one rank with 8 micro-steps scales exactly as 8 ranks with one micro-step each (the public script
     keeps one s_act per rank, rewritten by each forward). A forward reads the scales in use and writes what it
     measured into the next_ buffers; end_step() makes those the scales of the next step. So a forward recomputed
-    in backward (activation checkpointing) reads and writes the same values as the first time. On W ranks a rank
+    in backward (activation checkpointing) reads the same scales as the first time; GPT.layer records the
+    measurements outside the recomputed part, so a recompute writes nothing. On W ranks a rank
     measures only its own slots' rows; the others stay stale here until combined.
     Pass the slot as a 0-d int64 device tensor in compiled code: torch.compile specialises on a python int's
     value and would compile the step once per slot; a tensor is an input, read with index_select (no .item())."""
@@ -1703,6 +1766,11 @@ class MLPFP8Slot:
 
     def write(self, buffer: Tensor, value: Tensor):
         buffer[:, self.layer].index_copy_(0, self.slot, value.view(1).to(buffer.dtype))
+
+    def record(self, next_act_scale: Tensor, next_weight_scale: Tensor):
+        """This forward's measurements (0-d fp32): the scales of the next step."""
+        self.write(self.state.next_act_scale, next_act_scale)
+        self.write(self.state.next_weight_scale, next_weight_scale)
 
 
 def fp8_up_projection(x: Tensor, fc: Tensor) -> Tensor:
@@ -1757,12 +1825,10 @@ class ReLUSquareMLP(torch.autograd.Function):
         return grad_x, grad_fc.to(fc.dtype), grad_proj.to(proj.dtype), None, None
 
 
-def mlp_forward(x: Tensor, fc: Tensor, proj: Tensor, fp8_state: MLPFP8Slot | None) -> Tensor:
-    """relu(x fc^T)^2 proj (T, d) for x (T, d) and fc, proj (H, d). fp8_state (MLPFP8State.at(slot, layer)):
-    a training forward in FP8, which reads that slot's delayed scales and writes its measurements for the next
-    step. None: the compute dtype (evaluation, or FP8 off), and no state is touched."""
-    if fp8_state is None:
-        return ReLUSquareMLP.apply(x, fc, proj, None, None)[0]
+def mlp_forward_measured(x: Tensor, fc: Tensor, proj: Tensor, fp8_state: MLPFP8Slot) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, next act scale, next weight scale): the FP8 training forward of relu(x fc^T)^2 proj (T, d), which
+    reads fp8_state's delayed scales and returns what it measured for the next step without writing it (a
+    recompute in backward then writes nothing: MLPFP8Slot.record stays outside it)."""
     state = fp8_state.state
     proj_amax = proj.detach().abs().amax().float().clamp_min(AMAX_FLOOR)
     delayed = state.steps >= MLP_CURRENT_AMAX_STEPS
@@ -1770,8 +1836,17 @@ def mlp_forward(x: Tensor, fc: Tensor, proj: Tensor, fp8_state: MLPFP8Slot | Non
     out, post = ReLUSquareMLP.apply(x, fc, proj, fp8_state.read(state.act_scale), weight_scale)
     post_amax = post.amax().float().clamp_min(AMAX_FLOOR)
     # fp32, in the public kernels' order: amax * headroom / 448
-    fp8_state.write(state.next_act_scale, post_amax * MLP_ACT_HEADROOM / FP8_E4M3_MAX)
-    fp8_state.write(state.next_weight_scale, proj_amax * MLP_WEIGHT_HEADROOM / FP8_E4M3_MAX)
+    return out, post_amax * MLP_ACT_HEADROOM / FP8_E4M3_MAX, proj_amax * MLP_WEIGHT_HEADROOM / FP8_E4M3_MAX
+
+
+def mlp_forward(x: Tensor, fc: Tensor, proj: Tensor, fp8_state: MLPFP8Slot | None) -> Tensor:
+    """relu(x fc^T)^2 proj (T, d) for x (T, d) and fc, proj (H, d). fp8_state (MLPFP8State.at(slot, layer)):
+    a training forward in FP8, which reads that slot's delayed scales and records its measurements for the next
+    step. None: the compute dtype (evaluation, or FP8 off), and no state is touched."""
+    if fp8_state is None:
+        return ReLUSquareMLP.apply(x, fc, proj, None, None)[0]
+    out, next_act_scale, next_weight_scale = mlp_forward_measured(x, fc, proj, fp8_state)
+    fp8_state.record(next_act_scale, next_weight_scale)
     return out
 
 
@@ -2562,7 +2637,7 @@ def step_loss(model: "GPT", batch: Batch, plan: StepPlan, inputs: StepInputs, sl
     hidden = model.hidden(batch, masks, inputs.slot_ids[slot] if runtime.fp8 else None)
     mtp_weights, prefix_weight = inputs.weights(plan)
     return training_loss(hidden, model.lm_head, batch.targets, inputs.prefix_table[batch.targets], mtp_weights,
-                         prefix_weight, runtime.fp8, loss_chunk_tokens(runtime.device, TRAIN_LOSS_CHUNK_TOKENS),
+                         prefix_weight, runtime.fp8, train_loss_chunk_tokens(runtime),
                          training_loss_chunk_compiled if runtime.compile else training_loss_chunk)
 
 
@@ -2658,18 +2733,20 @@ def estimate_memory(s: Settings, runtime: Runtime) -> dict[str, tuple[int, str]]
     """A lower bound of one rank's peak memory in bytes, by part, each with the setting that sizes it (the
     harness compares it with what the device has before anything is built): weights, gradients and optimizer
     state (16 bytes a parameter); activations of the largest micro-step (~16 model_dim-wide values a token and
-    layer); one loss chunk's fp32 logits (3 copies: logits, softmax, gradient); the evaluation logits; and on
-    the explicit (CPU) path the dense masks, twice as long on the paired-head layers."""
+    stored layer: a checkpointed layer keeps its input only, and one is recomputed at a time); one loss chunk's
+    fp32 logits (3 copies: logits, softmax, gradient); the evaluation logits; and on the explicit (CPU) path the
+    dense masks, twice as long on the paired-head layers."""
     with torch.device("meta"):
         num_params = sum(p.numel() for p in GPT(s, runtime.attention_backend).parameters())
     value_bytes = torch.finfo(runtime.compute_dtype).bits // 8
     vocab = padded_vocab_size(s.vocab_size)
     slot_tokens = max(stage.batch_tokens for stage in stages(s).scheduled) // s.slots_per_step
-    train_chunk = min(loss_chunk_tokens(runtime.device, TRAIN_LOSS_CHUNK_TOKENS), slot_tokens)
+    train_chunk = min(train_loss_chunk_tokens(runtime), slot_tokens)
+    stored_layers = NUM_LAYERS - runtime.savers.checkpoint_blocks + min(runtime.savers.checkpoint_blocks, 1)
     eval_chunk = min(loss_chunk_tokens(runtime.device, EVAL_LOGITS_CHUNK), s.val_seq_len)
     parts = {
         "weights and optimizer state": (16 * num_params, "--model_dim / --bigram_buckets"),
-        "activations of one micro-step": (16 * s.model_dim * NUM_LAYERS * slot_tokens * value_bytes,
+        "activations of one micro-step": (16 * s.model_dim * stored_layers * slot_tokens * value_bytes,
                                           "--stage_batch_tokens"),
         "logits of one micro-step": (3 * train_chunk * vocab * 4, "--stage_batch_tokens"),
         "evaluation logits": (eval_chunk * vocab * 4, "--val_seq_len"),
