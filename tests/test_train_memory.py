@@ -300,9 +300,15 @@ def test_committed_memory_table_is_the_one_its_reports_give():
     sys.path.insert(0, str(REPO / "tools"))
     import memory_table
 
-    reports = [memory_table.read_report(path) for path in sorted((REPO / "records/benchmarks/memory").glob("*/gpu_check.json"))]
-    built = memory_table.build_table(reports)
+    from records.recipes import RECORD21
+
+    profile = memory_table.recipe_profile(RECORD21)
+    assert profile.table_path == H.MEMORY_TABLE_PATH
+    reports = [memory_table.read_report(path, profile)
+               for path in sorted((REPO / "records/benchmarks/memory").glob("*/gpu_check.json"))]
+    built = memory_table.build_table(reports, profile)
     committed = json.loads(H.MEMORY_TABLE_PATH.read_text())
     assert built["shape"] == committed["shape"] and built["rows"] == committed["rows"], \
-        "stale table: rerun python tools/memory_table.py records/benchmarks/memory/*/gpu_check.json"
+        f"stale table: rerun python tools/memory_table.py --recipe={RECORD21.relative_to(REPO)} " \
+        "records/benchmarks/memory/*/gpu_check.json"
     assert {row["fp8_head"] for row in built["rows"]} == {True, False}
