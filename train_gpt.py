@@ -267,11 +267,14 @@ MEMORY_FP8_SETTING = "fp8"  # the table's rows are per FP8 on/off (resolved: off
 
 
 def recompute_flops_per_token(s: Settings, savers: MemorySavers) -> int:
-    """Extra forward FLOPs per token that backward spends on the savers: the weight matmuls of the checkpointed
-    layers (attention scores left out: they depend on the window and the documents). The loss chunks are
-    recomputed whatever their size, so the chunk size adds none."""
+    """Extra forward matmul FLOPs per token that backward spends on the savers: the Q/K/V/O projections of the
+    checkpointed layers. That is what the compiled backward recomputes (GPU check at ff14606: its backward
+    graph gains exactly these matmuls, and FlexAttention's forward, whose FLOPs the counter leaves out); the
+    MLP, an autograd.Function, keeps its saved tensors there (eager code, as on CPU, recomputes it too). The
+    loss chunks are recomputed whatever their size, so the chunk size adds none."""
     with torch.device("meta"):
-        weights = sum(p.numel() for i in range(savers.checkpoint_blocks) for p in Block(s, i).parameters())
+        weights = sum(Block(s, i).attn.qkvo.numel() for i in range(savers.checkpoint_blocks)
+                      if i in ATTENTION_LAYERS)
     return 2 * weights
 
 
