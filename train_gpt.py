@@ -257,8 +257,8 @@ def resolve_runtime(s: Settings, rank: int, world_size: int, local_rank: int) ->
 
 
 # --memory=auto's table: the GPU check's predicted peak per rank of the record shape for each combination of
-# savers (tools/memory_table.py builds it from the reports under records/benchmarks/memory_record89/). These
-# settings size memory: the table holds for them only.
+# savers (tools/memory_table.py builds it from the GPU-check reports its rows name). These settings size memory:
+# the table holds for them only.
 MEMORY_TABLE = RECIPE_FILE.parent / "records" / "benchmarks" / "memory_table_record89.json"
 MEMORY_SHAPE_SETTINGS = ("val_seq_len", "slots_per_step", "stage_batch_tokens", "stage_max_doc_len", "vocab_size",
                          "model_dim", "num_heads", "head_dim", "mlp_hidden", "block_size", "bigram_buckets",
@@ -1174,7 +1174,8 @@ class GPT(nn.Module):
     def layer(self, i: int, x: Tensor, inputs: LayerInputs) -> Tensor:
         """Layer i's update of the residual x (T, d); records the post gate, the caches and the FP8 MLP's
         measured scales on the way. A checkpointed layer (i < checkpoint_blocks, with gradients) keeps only x
-        and recomputes the update in backward; the records stay outside the recomputed part, so a recompute
+        and recomputes the update in backward (compiled, inductor's partitioner keeps the FP8 MLP's saved
+        tensors: an autograd.Function); the records stay outside the recomputed part, so a recompute
         writes no FP8 scale a second time, and reads the scales the forward read (end_step changes them only
         after the step's last backward)."""
         if i == POST_GATE_LAYER:
@@ -1256,7 +1257,8 @@ class GPT(nn.Module):
         next weight scale) in FP8 with the slot's scales (mlp_forward_measured); the caller records them."""
         if inputs.slot is None:
             return (self.blocks[i].mlp(x),)
-        return mlp_forward_measured(x, self.blocks[i].mlp.fc, self.blocks[i].mlp.proj, self.mlp_fp8.at(inputs.slot, i))
+        mlp = self.blocks[i].mlp
+        return mlp_forward_measured(x, mlp.fc, mlp.proj, self.mlp_fp8.at(inputs.slot, i))
 
     def final_mix(self, x: Tensor, inputs: LayerInputs) -> Tensor:
         """MUDD1 after the loop: x + sum of nu_k * (cache0, cache7, cache9, ve_0, cache3)."""
@@ -1426,6 +1428,8 @@ def loss_chunk_tokens(device: torch.device, gpu_chunk: int) -> int:
 def train_loss_chunk_tokens(runtime) -> int:
     """The training loss's chunk: the memory saver's when set, else the device's default."""
     return runtime.savers.loss_chunk_tokens or loss_chunk_tokens(runtime.device, TRAIN_LOSS_CHUNK_TOKENS)
+
+
 FP8_E4M3_MAX = 448.0
 FP8_E5M2_MAX = 57344.0
 HEAD_X_RANGE = 100.0  # FP8 head, fixed scales: x / (HEAD_X_RANGE / 448) and W / (HEAD_W_RANGE / 448) to e4m3,

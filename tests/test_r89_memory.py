@@ -180,7 +180,8 @@ def test_recompute_flops_count_the_checkpointed_layers_attention_projections():
 
 def fake_gpu(monkeypatch, name: str, capability: tuple[int, int], memory_gib: float, shared_memory: int):
     properties = types.SimpleNamespace(name=name, major=capability[0], minor=capability[1],
-                                       total_memory=int(memory_gib * 2**30), shared_memory_per_block_optin=shared_memory)
+                                       total_memory=int(memory_gib * 2**30),
+                                       shared_memory_per_block_optin=shared_memory)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
 
@@ -194,9 +195,9 @@ def synthetic_table() -> dict:
         for fp8, fp8_gib in ((True, 0.0), (False, 2.0)):
             for blocks, chunk, peak in ((0, 0, 30), (0, 8192, 28), (0, 4096, 26), (2, 8192, 24), (6, 8192, 18),
                                         (11, 8192, 12)):
+                recompute = R.recompute_flops_per_token(s, H.MemorySavers(blocks, chunk))
                 rows.append(dict(world_size=world_size, fp8=fp8, checkpoint_blocks=blocks, loss_chunk_tokens=chunk,
-                                 recompute_flops_per_token=R.recompute_flops_per_token(s, H.MemorySavers(blocks, chunk)),
-                                 peak_gib=peak + fp8_gib + rank_gib))
+                                 recompute_flops_per_token=recompute, peak_gib=peak + fp8_gib + rank_gib))
     return dict(fp8_setting="fp8", shape={name: getattr(s, name) for name in R.MEMORY_SHAPE_SETTINGS}, rows=rows)
 
 

@@ -135,7 +135,8 @@ def readme_table(table: dict, reports: list[dict], profile: Profile) -> str:
                    and r["savers"] == savers]
             if own:
                 folder = own[0]["path"].parent
-                peak, source = f"{own[0]['peak'] / GIB:.1f} GiB", f"[{folder.name}]({folder.relative_to(REPO)}/gpu_check.md)"
+                peak = f"{own[0]['peak'] / GIB:.1f} GiB"
+                source = f"[{folder.name}]({folder.relative_to(REPO)}/gpu_check.md)"
             else:
                 matching = [row for row in table["rows"] if row["world_size"] in (world_size, 1)
                             and row[profile.fp8_setting] == fp8 and row["checkpoint_blocks"] == savers.checkpoint_blocks
@@ -146,7 +147,8 @@ def readme_table(table: dict, reports: list[dict], profile: Profile) -> str:
                     source = f"table row: {row['world_size']} rank(s) on " + ", ".join(row["gpus"])
                 else:
                     peak, source = "not checked", "no table row for this FP8 setting"
-            saver_text = (f"`--checkpoint_blocks={savers.checkpoint_blocks} --loss_chunk_tokens={savers.loss_chunk_tokens}`"
+            saver_text = (f"`--checkpoint_blocks={savers.checkpoint_blocks} "
+                          f"--loss_chunk_tokens={savers.loss_chunk_tokens}`"
                           if savers.checkpoint_blocks or savers.loss_chunk_tokens else "none")
             fits = "" if "does NOT fit" not in notice else " (does NOT fit)"
             lines.append(f"| {gpu['name']} | {world_size} | {'on' if fp8 else 'off'} | {saver_text} | "
