@@ -80,6 +80,23 @@ def test_checkpointed_layers_give_bit_identical_losses_gradients_and_fp8_scales(
     assert records == plain_records == dict(forward=3 * 2 * R.NUM_LAYERS, backward=0)
 
 
+@pytest.mark.slow
+def test_checkpointed_layers_compile_as_one_graph_and_train_as_eager():
+    """fullgraph compile of the forward with 4 checkpointed FP8 layers (aot_eager: AOTAutograd partitions the
+    recompute, no code generation): no graph break, the same losses and FP8 scales as the eager plain run."""
+    torch._dynamo.reset()
+    plain_losses, _, plain_state, _ = train_tiny(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(R.GPT, "hidden", torch.compile(R.GPT.hidden, fullgraph=True, dynamic=False,
+                                                      backend="aot_eager"))
+        losses, _, fp8_state, records = train_tiny(4)
+    torch._dynamo.reset()
+    torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=0)
+    for name, tensor in fp8_state.items():
+        torch.testing.assert_close(tensor, plain_state[name], rtol=1e-5, atol=0, msg=name)
+    assert records["backward"] == 0
+
+
 def test_checkpointed_layers_keep_only_their_inputs():
     """What autograd keeps of the first layers' activations for backward: all of it without the saver, only
     the inputs of the checkpointed layers with it."""
