@@ -284,12 +284,16 @@ def choose_memory_savers(s, world_size: int, total_memory: int | None, table: di
     fp8_key = table.get("fp8_setting", "fp8_head")
     if fp8 is None:
         fp8 = getattr(s, fp8_key)
-    # Ranks share the optimizer state, so a world size missing from the table is bounded by the 1-rank rows.
-    table_world = world_size if any(row["world_size"] == world_size for row in table["rows"]) else 1
-    candidates = sorted((row for row in table["rows"] if row["world_size"] == table_world
-                         and row[fp8_key] == fp8
-                         and s.checkpoint_blocks in (-1, row["checkpoint_blocks"])
-                         and s.loss_chunk_tokens in (-1, row["loss_chunk_tokens"])), key=recompute_order)
+    matching = [row for row in table["rows"] if row[fp8_key] == fp8
+                and s.checkpoint_blocks in (-1, row["checkpoint_blocks"])
+                and s.loss_chunk_tokens in (-1, row["loss_chunk_tokens"])]
+    # Ranks share the optimizer state, so a combination the table lacks at this world size is bounded by its
+    # 1-rank row.
+    checked = {(row["checkpoint_blocks"], row["loss_chunk_tokens"]) for row in matching
+               if row["world_size"] == world_size}
+    candidates = sorted((row for row in matching if row["world_size"] == world_size or (
+        row["world_size"] == 1 and (row["checkpoint_blocks"], row["loss_chunk_tokens"]) not in checked)),
+        key=recompute_order)
     if not candidates:
         return as_set, f"--memory=auto: no table row matches these settings: {chosen}"
     usable = usable_memory_gib(total_memory)
@@ -299,7 +303,7 @@ def choose_memory_savers(s, world_size: int, total_memory: int | None, table: di
     verdict = "fits" if fitting else "does NOT fit (expect out-of-memory)"
     return savers, (f"--memory=auto: checkpoint_blocks={savers.checkpoint_blocks} "
                     f"loss_chunk_tokens={savers.loss_chunk_tokens}: predicted peak {row['peak_gib']:.1f} GiB "
-                    f"(GPU check, {table_world} rank(s)) {verdict} in the {usable:.1f} GiB usable of "
+                    f"(GPU check, {row['world_size']} rank(s)) {verdict} in the {usable:.1f} GiB usable of "
                     f"{total_memory / 2**30:.1f} GiB")
 
 

@@ -245,6 +245,22 @@ def test_memory_auto_picks_the_least_recomputation_that_fits(tmp_path, monkeypat
                and " fits " in notice for notice in runtime.notices)
 
 
+def test_memory_auto_bounds_combinations_missing_at_a_world_size_by_their_1_rank_rows(tmp_path, monkeypatch):
+    table = synthetic_table()
+    table["rows"] = [row for row in table["rows"] if row["world_size"] == 1 or row["checkpoint_blocks"] == 0]
+    table_path = tmp_path / "table.json"
+    table_path.write_text(json.dumps(table))
+    monkeypatch.setattr(R, "MEMORY_TABLE", table_path)
+    fake_gpu(monkeypatch, "a GPU", (8, 9), 24.0, 232_448)  # usable 20.6: 8 ranks' rows without savers do not fit
+    runtime = R.resolve_runtime(R.Settings(), 0, 8, 0)
+    assert runtime.savers == H.MemorySavers(6, 8192)
+    assert any("(GPU check, 1 rank(s)) fits" in notice for notice in runtime.notices)
+    fake_gpu(monkeypatch, "a GPU", (8, 9), 31.0, 232_448)  # usable 26.9: the 8-rank row of 25 GiB fits
+    runtime = R.resolve_runtime(R.Settings(), 0, 8, 0)
+    assert runtime.savers == H.MemorySavers(0, 8192)
+    assert any("(GPU check, 8 rank(s)) fits" in notice for notice in runtime.notices)
+
+
 def test_memory_auto_keeps_explicit_settings_and_other_shapes(tmp_path, monkeypatch):
     table_path = tmp_path / "table.json"
     table_path.write_text(json.dumps(synthetic_table()))
