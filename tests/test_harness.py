@@ -34,7 +34,8 @@ def test_settings_free_on_resume_are_declared_per_setting():
         "memory"}
     # record 89: where and how the same mathematics is computed, and when it is validated
     assert H.settings_free_on_resume(T.Settings) == HARNESS_FREE_ON_RESUME | {
-        "device", "attention_backend", "compile", "warmup", "val_every"}
+        "device", "attention_backend", "compile", "warmup", "val_every", "checkpoint_blocks", "loss_chunk_tokens",
+        "memory"}
 
 
 def test_help_lists_the_recipe_settings_before_the_harness_settings():
