@@ -114,7 +114,7 @@ class Settings(RunSettings):
                                          "(all); -1: --memory chooses", Range(-1, 11), free_on_resume=True)
     loss_chunk_tokens: int = setting(-1, "training head + loss in chunks of N tokens (a positive multiple of 16), "
                                          "each recomputed in backward; 0: the record's 16,384 (96 on CPU); "
-                                         "-1: --memory chooses", free_on_resume=True)
+                                         "-1: --memory chooses", Range(-1, 2**31 - 1), free_on_resume=True)
     memory: str = setting("auto", "savers left at -1: auto (on CUDA, the least recomputation whose predicted "
                                   "peak fits this GPU, from the GPU check's table "
                                   "records/benchmarks/memory_table_record89.json) or off (none)", free_on_resume=True)
