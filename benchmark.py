@@ -1,4 +1,5 @@
-"""Speed and learning benchmark for train_gpt.py on one device.
+"""Speed and learning benchmark on one device: the speed tables measure the record-21 recipe (kept under records/,
+the default until record 89); --learning-curves compares it with the default recipe, train_gpt.py (record 89).
 
     python benchmark.py --out DIR          # CUDA GPU: the record shape (48K-token micro-batch, bf16, compiled)
     python benchmark.py --cpu-tiny --out DIR   # CPU: the tiny preset, fp32, eager (also automatic without CUDA)
