@@ -77,7 +77,6 @@ def data_dir(tmp_path):
 # same harness. Tests of what the harness guarantees (one-line errors, locks, atomic writes) take the
 # `recipe` fixture and run for both; tests of one recipe's mathematics import it directly.
 
-BOS = 50256  # GPT-2's <|endoftext|>, where record 89's documents start
 DOCUMENT_TOKENS = 100  # record 89 reads documents: its test shards start one at every 100th token
 
 
@@ -97,8 +96,8 @@ class Recipe:
     def tokens(self, generator: np.random.Generator, count: int) -> np.ndarray:
         """Random tokens below SMALL_VOCAB; for record 89 a document starts (BOS) every DOCUMENT_TOKENS."""
         tokens = generator.integers(0, SMALL_VOCAB, count)
-        if self.vocab_size > BOS:
-            tokens[::DOCUMENT_TOKENS] = BOS
+        if self.vocab_size > train_gpt.BOS:
+            tokens[::DOCUMENT_TOKENS] = train_gpt.BOS
         return tokens
 
     def write_data(self, folder: Path, generator: np.random.Generator | None = None) -> Path:
